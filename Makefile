@@ -1,0 +1,31 @@
+# Set-up is part of every target: a fresh machine needs only Python 3.11 and pip.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.tokenlake-installed
+# torch and torchvision are pinned to a pair that imports together (PyPI's torchvision does not
+# import beside torch 2.13); pip finds both on this machine's disk.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tokenlake demo --out demo-out
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check extract store sql analyze probes cli tests
+
+clean:
+	rm -rf demo-out bench-out .pytest_cache
