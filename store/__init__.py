@@ -1,0 +1,39 @@
+"""tokenlake.store: the lake on disk. The only code that knows the file formats (see SCHEMA.md)."""
+
+from tokenlake.store._errors import (
+    ContractError,
+    LakeError,
+    ReadOnlyQuery,
+    RunConfigMismatch,
+    RunExists,
+    UnknownRun,
+)
+from tokenlake.store._lake import Lake, open_lake
+from tokenlake.store._layout import ArraySpec, RunLayout
+from tokenlake.store._schema import SCHEMA_VERSION, TABLE_SCHEMAS, TOKEN_KINDS
+from tokenlake.store._subsets import read_subset, subset_checksum, table_checksum, write_subset
+from tokenlake.store._write_run import write_run
+from tokenlake.store._writer import RunWriter, shard_name
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "TABLE_SCHEMAS",
+    "TOKEN_KINDS",
+    "ArraySpec",
+    "ContractError",
+    "Lake",
+    "LakeError",
+    "ReadOnlyQuery",
+    "RunConfigMismatch",
+    "RunExists",
+    "RunLayout",
+    "RunWriter",
+    "UnknownRun",
+    "open_lake",
+    "read_subset",
+    "shard_name",
+    "subset_checksum",
+    "table_checksum",
+    "write_run",
+    "write_subset",
+]
