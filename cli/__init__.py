@@ -1,0 +1,1 @@
+"""tokenlake.cli: the command line and the experiment runner."""

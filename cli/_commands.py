@@ -1,0 +1,142 @@
+"""Sub-command bodies: argument handling and printing only; the work lives in the packages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import polars as pl
+
+from tokenlake import store
+from tokenlake.extract import ExtractRequest, ModelRequestError, extract as run_extraction
+from tokenlake.extract import SourceError, draw_subset, open_source
+from tokenlake.sql import query_text, view_names
+
+USER_ERRORS = (store.LakeError, ModelRequestError, SourceError, ValueError, FileNotFoundError)
+
+
+def _say(args, text: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(text, file=sys.stderr)
+
+
+def subset(args: argparse.Namespace) -> int:
+    source = open_source(args.data, split=args.split)
+    table = draw_subset(source, n=args.n, seed=args.seed, limit=args.limit)
+    path = store.write_subset(args.lake, args.name, table)
+    print(f"subset {args.name}: {table.num_rows} of {source.num_rows} images from {args.data}"
+          f"{'' if args.split is None else f' [{args.split}]'} (seed {args.seed}) -> {path}")
+    return 0
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", Path(text.rstrip("/")).name or text).strip("_").lower()
+
+
+def _adhoc_subset(args: argparse.Namespace) -> str:
+    """--data without --subset: a throwaway subset of the first N images, kept for provenance."""
+    source = open_source(args.data, split=args.split)
+    table = draw_subset(source, n=None, limit=args.limit)
+    name = f"{_slug(args.data)}-{'first' + str(args.limit) if args.limit else 'all'}"
+    store.write_subset(args.lake, name, table)
+    return name
+
+
+def extract(args: argparse.Namespace) -> int:
+    subset_name = args.subset or _adhoc_subset(args)
+    if args.subset and args.limit:
+        raise ValueError("--limit goes with --data; make a smaller subset with `tokenlake subset`")
+    request = ExtractRequest(
+        lake=str(args.lake), model=args.model, subset=subset_name, policy=args.policy,
+        weights=args.weights, img_size=args.img_size, run=args.run, outlier_ref=args.outlier_ref,
+        normals_per_image=args.normals_per_image, keep_if_outlier=args.keep_if_outlier, n=args.n,
+        blocks=args.blocks == "all", batch_size=args.batch_size, shard_size=args.shard_size,
+        device=args.device, workers=args.workers, quiet=args.quiet,
+    )
+    manifest = run_extraction(request, log=lambda text: _say(args, text))
+    totals = manifest
+    banner = " [RANDOM WEIGHTS]" if manifest["random_weights"] else ""
+    print(f"run {manifest['run']}{banner}: {totals.get('n_images', '?')} images, "
+          f"{totals.get('n_errors', 0)} errors, {totals.get('n_rejected', 0)} rejected, "
+          f"{totals.get('n_tokens', '?')} tokens in {manifest['wall_time_s']:.1f} s")
+    return 0
+
+
+def _print_table(table, *, max_rows: int) -> None:
+    frame = pl.from_arrow(table)
+    with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=160,
+                   tbl_hide_dataframe_shape=False):
+        print(frame)
+
+
+def sql(args: argparse.Namespace) -> int:
+    if args.list:
+        print("views:", ", ".join(view_names()))
+        from tokenlake.sql import query_names
+        print("named queries:", ", ".join(query_names()))
+        return 0
+    sources = [x for x in (args.query, args.file, args.query_name) if x]
+    if len(sources) != 1:
+        raise ValueError("give exactly one of: a query, --file, --query-name")
+    text = (args.file.read_text() if args.file else
+            query_text(args.query_name) if args.query_name else args.query)
+    table = store.open_lake(args.lake).sql(text)
+    if args.format == "table":
+        _print_table(table, max_rows=args.max_rows)
+        return 0
+    if args.format == "parquet" and not args.output:
+        raise ValueError("--format parquet needs --output FILE")
+    frame = pl.from_arrow(table)
+    if args.format == "parquet":
+        frame.write_parquet(args.output)
+    elif args.format == "csv":
+        frame.write_csv(args.output) if args.output else sys.stdout.write(frame.write_csv())
+    else:
+        rows = json.dumps(frame.to_dicts(), default=str, indent=1)
+        args.output.write_text(rows) if args.output else print(rows)
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def runs(args: argparse.Namespace) -> int:
+    rows = store.open_lake(args.lake).runs(include_incomplete=True)
+    if not rows:
+        print(f"no runs in {args.lake}")
+        return 0
+    width = max(len(r["run"]) for r in rows)
+    print(f"{'run':<{width}}  {'status':<8} {'shards':>9} {'images':>8} {'errors':>6} "
+          f"{'tokens':>11} {'size':>9}  model")
+    for r in rows:
+        shards = f"{r['shards_committed']}/{r['shards_total'] or '?'}"
+        model = f"{r.get('model') or '?'}" + ("  [RANDOM WEIGHTS]" if r.get("random_weights") else "")
+        print(f"{r['run']:<{width}}  {r['status']:<8} {shards:>9} {r['n_images']:>8} "
+              f"{r['n_errors']:>6} {r['n_tokens']:>11} {_size(r['bytes']):>9}  {model}")
+    if any(r.get("random_weights") for r in rows):
+        print("\n[RANDOM WEIGHTS] runs used untrained networks: their numbers say nothing about the "
+              "real models.")
+    return 0
+
+
+def validate(args: argparse.Namespace) -> int:
+    problems = store.open_lake(args.lake).validate(args.run)
+    for problem in problems:
+        print(problem)
+    print("ok: every committed shard matches its marker" if not problems
+          else f"{len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from tokenlake.cli._demo import run_demo
+
+    return run_demo(out=args.out, n_images=args.images)

@@ -1,0 +1,130 @@
+"""The built-in demo: a small labelled image folder, two random-weight backbones on the CPU, SQL answers.
+
+Images come from scikit-image's sample photographs (shipped inside the package, no download) plus
+generated scenes with large flat regions (where outlier tokens like to appear), and one truncated
+JPEG to show that bad input lands in the ``errors`` table instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tokenlake import store
+from tokenlake.extract import ExtractRequest, draw_subset, extract, open_source
+from tokenlake.sql import query_text
+
+_PHOTOS = {
+    "photo": ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
+              "immunohistochemistry", "retina", "colorwheel", "logo", "cat"],
+    "grayscale": ["camera", "coins", "moon", "page", "text"],
+    "texture": ["grass", "gravel", "brick"],
+}
+DEMO_MODELS = (("dinov2_s_reg4", 224), ("pvt_b0", 224))
+
+
+def _skimage_photo(name: str) -> Image.Image:
+    import skimage.data
+
+    array = getattr(skimage.data, name)()
+    return Image.fromarray(array)
+
+
+def _synthetic(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """A sky-like gradient, a flat ground and a few soft blobs: big redundant regions."""
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    top, bottom = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    image = top + (bottom - top) * (yy / h)[..., None]
+    horizon = int(h * rng.uniform(0.5, 0.8))
+    image[horizon:] = rng.uniform(0, 255, 3)
+    for _ in range(rng.integers(1, 4)):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(10, min(h, w) / 3)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))[..., None]
+        image = image * (1 - blob) + rng.uniform(0, 255, 3) * blob
+    image += rng.normal(0, 3, image.shape)
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+
+
+def build_demo_images(root: Path, *, n_images: int, seed: int = 0) -> Path:
+    """An image folder with class sub-folders; photographs are reused as random crops."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    written = 0
+    photos = [(label, name) for label, names in _PHOTOS.items() for name in names]
+    for i in range(n_images - 1):
+        if i % 3 == 2:
+            label, image = "synthetic", _synthetic(rng, (int(rng.integers(200, 480)),
+                                                         int(rng.integers(200, 640))))
+        else:
+            label, name = photos[i % len(photos)]
+            image = _skimage_photo(name)
+            if i >= len(photos):  # later copies are random crops, so no two inputs are equal
+                w, h = image.size
+                cw, ch = int(w * rng.uniform(0.5, 0.9)), int(h * rng.uniform(0.5, 0.9))
+                x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+                image = image.crop((x0, y0, x0 + cw, y0 + ch))
+        folder = root / label
+        folder.mkdir(exist_ok=True)
+        ext = "png" if image.mode in ("RGBA", "1", "I;16") else "jpg"
+        image.save(folder / f"{label}_{i:03d}.{ext}")
+        written += 1
+    buffer = io.BytesIO()
+    _synthetic(rng, (256, 256)).save(buffer, format="JPEG")
+    (root / "synthetic" / "zz_truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    return root
+
+
+def _banner(text: str) -> None:
+    line = "=" * 78
+    print(f"\n{line}\n{text}\n{line}")
+
+
+def run_demo(*, out: Path, n_images: int = 64) -> int:
+    started = time.time()
+    out = Path(out)
+    lake = out / "lake"
+    images = build_demo_images(out / "images", n_images=n_images)
+    _banner(
+        "tokenlake demo - RANDOM WEIGHTS.\n"
+        "The two backbones here are randomly initialised (no weights can be downloaded on this\n"
+        "machine), so the numbers below exercise the pipeline but say nothing about real models."
+    )
+    source = open_source(str(images))
+    store.write_subset(lake, "demo", draw_subset(source, n=None))
+    print(f"subset 'demo': {source.num_rows} files from {images} "
+          f"(classes: {', '.join(source.label_names or [])})")
+    for model, px in DEMO_MODELS:
+        manifest = extract(ExtractRequest(
+            lake=str(lake), model=model, subset="demo", weights="random", img_size=px,
+            policy="all", batch_size=16, shard_size=16, quiet=False,
+        ))
+        totals = manifest
+        print(f"run {manifest['run']} [RANDOM WEIGHTS]: {totals.get('n_images')} images, "
+              f"{totals.get('n_errors')} errors, {totals.get('n_tokens')} tokens")
+    db = store.open_lake(lake)
+    import polars as pl
+
+    with pl.Config(tbl_rows=40, tbl_cols=-1, tbl_width_chars=200, fmt_str_lengths=40,
+                   float_precision=4, tbl_hide_column_data_types=True,
+                   tbl_hide_dataframe_shape=True):
+        _banner("Token norm percentiles per run and token kind (sql: norm_percentiles.sql)")
+        print(pl.from_arrow(db.sql(query_text("norm_percentiles"))))
+        _banner("Outliers per run: tokens above the run's 98th-percentile patch norm "
+                "(sql: outlier_counts.sql)")
+        print(pl.from_arrow(db.sql(query_text("outlier_counts"))))
+        _banner("Inputs that could not be used (sql: SELECT run, source_id, reason FROM errors)")
+        print(pl.from_arrow(db.sql("SELECT run, source_id, reason FROM errors ORDER BY run")))
+    _banner(
+        f"Done in {time.time() - started:.0f} s. Lake: {lake}\n"
+        f"Ask it anything:  tokenlake sql --lake {lake} \"SELECT run, count(*) FROM outliers GROUP BY run\"\n"
+        "On a GPU machine with hub access, the real thing is:\n"
+        "  tokenlake subset  --lake LAKE --name val5k --data ILSVRC/imagenet-1k --split validation "
+        "--n 5000 --seed 42\n"
+        "  tokenlake extract --lake LAKE --model dinov2_g_reg4 --subset val5k --policy all"
+    )
+    return 0

@@ -1,0 +1,113 @@
+"""The ``tokenlake`` command line: ``main(argv) -> int``, one sub-command per job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tokenlake.cli import _commands
+
+
+def _lake(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lake", required=True, type=Path, help="the lake's root directory")
+
+
+def _quiet_libraries() -> None:
+    """datasets prints a bar per local folder it indexes; our own bars say what matters."""
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenlake",
+        description="Run each vision backbone once; answer every later question from the lake.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("subset", help="choose which images a subset holds (seeded)")
+    _lake(p)
+    p.add_argument("--name", required=True, help="subset name, e.g. val5k")
+    p.add_argument("--data", required=True,
+                   help="Hugging Face dataset name, local image folder, or save_to_disk directory")
+    p.add_argument("--split", default=None, help="dataset split (e.g. validation)")
+    p.add_argument("--n", type=int, default=None, help="number of images (default: all)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--limit", type=int, default=None, help="keep only the first N drawn images")
+    p.set_defaults(func=_commands.subset)
+
+    p = sub.add_parser("extract", help="run a backbone over a subset into the lake (resumable)")
+    _lake(p)
+    p.add_argument("--model", required=True, help="alias (dinov2_g_reg4, pvt_b2, ...) or timm name")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--subset", help="a subset made by `tokenlake subset`")
+    src.add_argument("--data", help="images to use directly (a throwaway subset of the first N)")
+    p.add_argument("--split", default=None, help="with --data: the dataset split")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    p.add_argument("--policy", default="all", choices=["all", "sample", "summary"],
+                   help="which tokens keep embeddings: all | sample | summary")
+    p.add_argument("--weights", default="pretrained",
+                   help="'pretrained' (timm hub), a local weights file, or 'random' (tests, demo)")
+    p.add_argument("--img-size", type=int, default=None, help="input resolution (default: paper's)")
+    p.add_argument("--run", default=None, help="run name (default: MODEL-PX-SUBSET)")
+    p.add_argument("--outlier-ref", default=None,
+                   help="run whose 98th-percentile patch norm is the outlier threshold")
+    p.add_argument("--normals-per-image", type=int, default=4)
+    p.add_argument("--keep-if-outlier", action="store_true",
+                   help="keep only images with >= 1 outlier token, until --n are kept")
+    p.add_argument("--n", type=int, default=None, help="with --keep-if-outlier: images to keep")
+    p.add_argument("--blocks", choices=["none", "all"], default="none",
+                   help="'all' also records every block's output norm and q/k/v norms")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--shard-size", type=int, default=256, help="images per shard")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if present)")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_commands.extract)
+
+    p = sub.add_parser("sql", help="ask a read-only SQL question of the lake (DuckDB)")
+    _lake(p)
+    p.add_argument("query", nargs="?", help="SQL text; or use --file / --query-name")
+    p.add_argument("--file", type=Path, help="read the query from a file")
+    p.add_argument("--query-name", help="a named query shipped in tokenlake.sql (see --list)")
+    p.add_argument("--list", action="store_true", help="list views and named queries")
+    p.add_argument("--format", default="table", choices=["table", "csv", "json", "parquet"])
+    p.add_argument("--output", type=Path, help="write the result here (required for parquet)")
+    p.add_argument("--max-rows", type=int, default=50, help="rows shown by --format table")
+    p.set_defaults(func=_commands.sql)
+
+    p = sub.add_parser("runs", help="what is in the lake, with sizes and status")
+    _lake(p)
+    p.set_defaults(func=_commands.runs)
+
+    p = sub.add_parser("validate", help="check every committed shard against its marker")
+    _lake(p)
+    p.add_argument("--run", default=None)
+    p.set_defaults(func=_commands.validate)
+
+    p = sub.add_parser("demo", help="build the demo image set, extract two random-weight models, "
+                                    "and print a few SQL answers")
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="where the lake goes")
+    p.add_argument("--images", type=int, default=64, help="demo images to use")
+    p.set_defaults(func=_commands.demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return int(args.func(args) or 0)
+    except _commands.USER_ERRORS as err:
+        print(f"tokenlake {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

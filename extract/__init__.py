@@ -1,0 +1,17 @@
+"""tokenlake.extract: the only code that runs a backbone. Images in, one run in the lake out."""
+
+from tokenlake.extract._adapters import TokenLayout, make_adapter
+from tokenlake.extract._decode import DecodedImage, ImageRejected, decode_image
+from tokenlake.extract._job import ExtractRequest, default_run_name, extract, plan
+from tokenlake.extract._models import (
+    ALIASES, ModelRequestError, ModelSpec, create_backbone, resolve_model, resolve_weights,
+)
+from tokenlake.extract._sources import Source, SourceError, SourceRecord, open_source
+from tokenlake.extract._subsets import draw_subset
+
+__all__ = [
+    "ALIASES", "DecodedImage", "ExtractRequest", "ImageRejected", "ModelRequestError", "ModelSpec",
+    "Source", "SourceError", "SourceRecord", "TokenLayout", "create_backbone", "decode_image",
+    "default_run_name", "draw_subset", "extract", "make_adapter", "open_source", "plan",
+    "resolve_model", "resolve_weights",
+]

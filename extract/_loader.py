@@ -1,0 +1,122 @@
+"""Decoding in worker processes, in batches that never straddle a shard.
+
+Each item is decoded on its own, so one bad file becomes one ``errors`` row, never a stopped run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tokenlake.extract._decode import ImageRejected, decode_image
+from tokenlake.extract._preprocess import DataConfig, Resizer
+from tokenlake.extract._sources import open_source
+
+
+@dataclass(frozen=True)
+class InputRow:
+    image_id: int
+    source_index: int
+    source_id: str
+    label: int | None
+
+
+class _DecodeDataset(Dataset):
+    def __init__(self, *, data: str, split: str | None, rows: list[InputRow], cfg: DataConfig):
+        self.data, self.split, self.rows, self.cfg = data, split, rows, cfg
+        self._source = None
+        self._resizer = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        if self._source is None:  # opened lazily: once per worker process
+            self._source = open_source(self.data, split=self.split)
+            self._resizer = Resizer(self.cfg)
+        row = self.rows[i]
+        item = {"row": row, "pixels": None, "reason": None, "width": 0, "height": 0}
+        try:
+            record = self._source.record(row.source_index)
+            decoded = decode_image(record.data)
+            item["pixels"] = self._resizer(decoded.image)
+            item["width"], item["height"] = decoded.width, decoded.height
+        except ImageRejected as err:
+            item["reason"] = err.reason
+        except Exception as err:  # a broken record must cost one row, not the run
+            item["reason"] = f"{type(err).__name__}: {err}"
+        return item
+
+
+@dataclass
+class Batch:
+    shard: int
+    rows: list[InputRow]  # decoded images, in order
+    pixels: torch.Tensor  # uint8 [B, H, W, 3] (pinned when feeding a GPU)
+    sizes: list[tuple[int, int]]  # original (width, height)
+    errors: list[tuple[InputRow, str]]
+
+    def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True) in the main process
+        if self.pixels.numel():
+            self.pixels = self.pixels.pin_memory()
+        return self
+
+
+def _collate(items: list[dict], *, shard_of) -> Batch:
+    good = [it for it in items if it["pixels"] is not None]
+    pixels = torch.from_numpy(np.stack([it["pixels"] for it in good])) if good else torch.empty(0)
+    return Batch(
+        shard=shard_of(items[0]["row"].image_id),
+        rows=[it["row"] for it in good],
+        pixels=pixels,
+        sizes=[(it["width"], it["height"]) for it in good],
+        errors=[(it["row"], it["reason"]) for it in items if it["pixels"] is None],
+    )
+
+
+class _ShardBatches(torch.utils.data.Sampler):
+    """Index batches of at most ``batch_size`` that stay inside one shard."""
+
+    def __init__(self, shard_of_row: list[int], batch_size: int):
+        self.batches: list[list[int]] = []
+        current: list[int] = []
+        for i, shard in enumerate(shard_of_row):
+            if current and (len(current) == batch_size or shard_of_row[current[0]] != shard):
+                self.batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            self.batches.append(current)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _Collate:  # a class, not a closure: worker processes pickle it
+    def __init__(self, shard_size: int):
+        self.shard_size = shard_size
+
+    def __call__(self, items):
+        return _collate(items, shard_of=lambda i: i // self.shard_size)
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def batches(*, data: str, split: str | None, rows: list[InputRow], cfg: DataConfig,
+            shard_size: int, batch_size: int, workers: int, pin: bool) -> DataLoader:
+    dataset = _DecodeDataset(data=data, split=split, rows=rows, cfg=cfg)
+    sampler = _ShardBatches([r.image_id // shard_size for r in rows], batch_size)
+    return DataLoader(
+        dataset, batch_sampler=sampler, num_workers=workers,
+        collate_fn=_Collate(shard_size), pin_memory=pin,
+        prefetch_factor=4 if workers else None,
+    )

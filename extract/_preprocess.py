@@ -1,0 +1,87 @@
+"""The exact input pixels a model sees: timm's eval resize and crop, kept as uint8.
+
+Normalisation (mean/std) is applied on the device, so the lake can keep the very pixels the model
+saw and the host moves 4x fewer bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_model_data_config
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    img_size: int
+    interpolation: str
+    crop_pct: float
+    crop_mode: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_dict(self) -> dict:
+        return {
+            "img_size": self.img_size, "interpolation": self.interpolation,
+            "crop_pct": self.crop_pct, "crop_mode": self.crop_mode,
+            "mean": list(self.mean), "std": list(self.std),
+        }
+
+
+def data_config(model: torch.nn.Module, *, img_size: int) -> DataConfig:
+    cfg = resolve_model_data_config(model)
+    return DataConfig(
+        img_size=img_size, interpolation=cfg["interpolation"], crop_pct=float(cfg["crop_pct"]),
+        crop_mode=cfg.get("crop_mode", "center"), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+    )
+
+
+class Resizer:
+    """PIL RGB image -> uint8 array [S, S, 3], using timm's own eval transforms minus the tensor steps."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        full = create_transform(
+            input_size=(3, cfg.img_size, cfg.img_size), interpolation=cfg.interpolation,
+            crop_pct=cfg.crop_pct, crop_mode=cfg.crop_mode, mean=cfg.mean, std=cfg.std,
+            is_training=False,
+        )
+        steps = full.transforms
+        if type(steps[-1]).__name__ != "Normalize" or "ToTensor" not in type(steps[-2]).__name__:
+            raise RuntimeError(f"unexpected timm eval transform {full}; cannot keep uint8 pixels")
+        self.steps = steps[:-2]
+        self.size = cfg.img_size
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        for step in self.steps:
+            image = step(image)
+        pixels = np.asarray(image, dtype=np.uint8)
+        if pixels.shape != (self.size, self.size, 3):
+            raise RuntimeError(f"resize produced {pixels.shape}, expected {(self.size, self.size, 3)}")
+        return pixels
+
+
+def normalise(pixels: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, H, W], as timm's ToTensor + Normalize."""
+    mean = torch.tensor(cfg.mean, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.std, device=pixels.device).view(1, 3, 1, 1)
+    x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+    return (x - mean) / std
+
+
+def token_cells(pixels: np.ndarray, *, grid: tuple[int, int], cell: int, offset: int) -> np.ndarray:
+    """uint8 [B, H, W, 3] -> [B, gh*gw, cell, cell, 3]: the pixels under each patch token.
+
+    ``offset`` < 0 shifts every cell up-left (PVT-v2 centres token (i, j) on pixel (32i, 32j));
+    pixels outside the image are zero.
+    """
+    b, h, w, _ = pixels.shape
+    gh, gw = grid
+    lead = -offset
+    canvas = np.zeros((b, gh * cell, gw * cell, 3), dtype=np.uint8)
+    src_h, src_w = min(h, gh * cell - lead), min(w, gw * cell - lead)
+    canvas[:, lead:lead + src_h, lead:lead + src_w] = pixels[:, :src_h, :src_w]
+    cells = canvas.reshape(b, gh, cell, gw, cell, 3).transpose(0, 1, 3, 2, 4, 5)
+    return cells.reshape(b, gh * gw, cell, cell, 3)
