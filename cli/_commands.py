@@ -11,8 +11,14 @@ from pathlib import Path
 import polars as pl
 
 from tokenlake import store
-from tokenlake.extract import ExtractRequest, ModelRequestError, extract as run_extraction
-from tokenlake.extract import SourceError, draw_subset, open_source
+from tokenlake.extract import (
+    ExtractRequest,
+    ModelRequestError,
+    SourceError,
+    draw_subset,
+    open_source,
+)
+from tokenlake.extract import extract as run_extraction
 from tokenlake.sql import query_text, view_names
 
 USER_ERRORS = (store.LakeError, ModelRequestError, SourceError, ValueError, FileNotFoundError)

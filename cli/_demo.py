@@ -54,7 +54,6 @@ def build_demo_images(root: Path, *, n_images: int, seed: int = 0) -> Path:
     """An image folder with class sub-folders; photographs are reused as random crops."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
-    written = 0
     photos = [(label, name) for label, names in _PHOTOS.items() for name in names]
     for i in range(n_images - 1):
         if i % 3 == 2:
@@ -72,7 +71,6 @@ def build_demo_images(root: Path, *, n_images: int, seed: int = 0) -> Path:
         folder.mkdir(exist_ok=True)
         ext = "png" if image.mode in ("RGBA", "1", "I;16") else "jpg"
         image.save(folder / f"{label}_{i:03d}.{ext}")
-        written += 1
     buffer = io.BytesIO()
     _synthetic(rng, (256, 256)).save(buffer, format="JPEG")
     (root / "synthetic" / "zz_truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])

@@ -23,7 +23,12 @@ from tokenlake import store
 from tokenlake.extract._adapters import Adapter, TokenLayout, make_adapter
 from tokenlake.extract._loader import Batch, InputRow, batches, default_workers
 from tokenlake.extract._models import (
-    ModelRequestError, ModelSpec, Weights, create_backbone, resolve_model, resolve_weights,
+    ModelRequestError,
+    ModelSpec,
+    Weights,
+    create_backbone,
+    resolve_model,
+    resolve_weights,
 )
 from tokenlake.extract._policy import POLICIES, TokenPolicy
 from tokenlake.extract._preprocess import data_config, normalise, token_cells
@@ -235,7 +240,7 @@ class _ShardWriterThread:
             try:
                 if self.error is None:
                     self._write(item)
-            except BaseException as err:  # handed to the main thread
+            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
                 self.error = err
 
     def _write(self, buffer: ShardBuffer) -> None:
@@ -299,9 +304,7 @@ def extract(request: ExtractRequest, *, log=print) -> dict:
         "device": str(p.device), "compute_dtype": p.config["compute_dtype"],
         "embedding_dtype": "float16", "wall_time_s": round(time.time() - started, 3),
     }
-    if shards_used != n_shards:
-        raise NotImplementedError("keep-if-outlier commit of fewer shards")
-    writer.commit(manifest)
+    writer.commit(manifest, n_shards=shards_used)
     return store.open_lake(request.lake).manifest(p.run)
 
 

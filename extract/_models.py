@@ -118,7 +118,7 @@ def create_backbone(spec: ModelSpec, *, weights: Weights, img_size: int) -> torc
     if arch.startswith(("vit_", "deit", "eva")):
         kwargs["img_size"] = img_size
     if weights.kind == "file":
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights.path))
+        kwargs["pretrained_cfg_overlay"] = {"file": str(weights.path)}
     if weights.is_random:
         torch.manual_seed(RANDOM_INIT_SEED)
     model = timm.create_model(spec.timm_name, pretrained=not weights.is_random, **kwargs)

@@ -197,7 +197,7 @@ class Lake:
 
     def _committed(self, run: str) -> set[int]:
         if (self._run_dir(run) / "manifest.json").exists():
-            return set(range(self.layout(run).n_shards))
+            return set(range(self.manifest(run)["n_shards"]))
         return set(self.markers(run))
 
     def _memmap(self, path: Path, cf: ChunkFiles) -> np.memmap | None:

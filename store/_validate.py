@@ -23,16 +23,19 @@ def validate_run(lake: Lake, run: str) -> list[str]:
     except (LakeError, OSError, ValueError, KeyError) as e:
         return [f"{run}: cannot read run layout or markers: {e}"]
     problems = []
+    # a run may end early (keep-if-outlier stops at its quota): its last shard is then short
+    n_shards = (lake.manifest(run)["n_shards"] if (d / "manifest.json").exists()
+                else layout.n_shards)
     for i, mk in sorted(markers.items()):
         where = f"{run}/{mk.get('shard', i)}"
         try:
-            problems += _check_shard(lake, run, layout, i, mk, where)
+            problems += _check_shard(lake, run, layout, i, mk, where, last=i == n_shards - 1)
         except (OSError, ValueError, KeyError, LakeError) as e:
             problems.append(f"{where}: {type(e).__name__}: {e}")
     mpath = d / "manifest.json"
     if mpath.exists():
         m = lake.manifest(run)
-        missing = sorted(set(range(layout.n_shards)) - set(markers))
+        missing = sorted(set(range(m.get("n_shards", layout.n_shards))) - set(markers))
         if missing:
             problems.append(
                 f"{run}: manifest exists but shard(s) {missing[:10]} have no commit marker"
@@ -47,7 +50,7 @@ def validate_run(lake: Lake, run: str) -> list[str]:
 
 
 def _check_shard(
-    lake: Lake, run: str, layout: Any, i: int, mk: dict[str, Any], where: str
+    lake: Lake, run: str, layout: Any, i: int, mk: dict[str, Any], where: str, *, last: bool
 ) -> list[str]:
     d = lake.path / "runs" / run
     problems = []
@@ -92,7 +95,6 @@ def _check_shard(
     if np.intersect1d(ids["images"], ids["errors"]).size:
         problems.append(f"{where}: image_ids in both images and errors")
     covered = ids["images"].size + ids["errors"].size + mk.get("n_rejected", 0)
-    last = i == layout.n_shards - 1
     if covered > ss or (not last and covered != ss):
         problems.append(
             f"{where}: images + errors + rejected = {covered}, expected "

@@ -455,33 +455,40 @@ class RunWriter:
 
     # -- commit --------------------------------------------------------------------------------
 
-    def commit(self, manifest: Mapping[str, Any]) -> Path:
-        """Write manifest.json (last, atomically) once every shard is committed."""
+    def commit(self, manifest: Mapping[str, Any], *, n_shards: int | None = None) -> Path:
+        """Write manifest.json (last, atomically) once every shard is committed.
+
+        ``n_shards`` ends a run early: a run that stops once enough inputs passed a filter
+        (keep-if-outlier) commits only its first ``n_shards`` shards.
+        """
+        total = self.layout.n_shards if n_shards is None else n_shards
+        if not 0 < total <= self.layout.n_shards:
+            raise ContractError(f"n_shards must be in 1..{self.layout.n_shards}, got {total}")
         with FileLock(str(self.dir / "run.lock")):
             if self.manifest_path.exists():
                 return self.manifest_path
-            missing = sorted(set(range(self.layout.n_shards)) - self.committed())
+            missing = sorted(set(range(total)) - self.committed())
             if missing:
                 shown = ", ".join(shard_name(i) for i in missing[:10]) + (
                     ", ..." if len(missing) > 10 else ""
                 )
                 raise LakeError(
-                    f"cannot commit run {self.run!r}: {len(missing)} of {self.layout.n_shards} "
+                    f"cannot commit run {self.run!r}: {len(missing)} of {total} "
                     f"shard(s) not committed: {shown}"
                 )
-            m = build_manifest(self, manifest)
+            m = build_manifest(self, manifest, total)
             write_json(self.manifest_path, m)
             fsync_dir(self.dir)
         return self.manifest_path
 
 
-def build_manifest(w: RunWriter, user: Mapping[str, Any]) -> dict[str, Any]:
+def build_manifest(w: RunWriter, user: Mapping[str, Any], n_shards: int) -> dict[str, Any]:
     shards, totals = (
         [],
         dict.fromkeys(("n_images", "n_errors", "n_tokens", "n_slots", "n_rejected"), 0),
     )
     nbytes = 0
-    for i in range(w.layout.n_shards):
+    for i in range(n_shards):
         raw = w.marker_path(i).read_bytes()
         mk = json.loads(raw)
         for k in totals:
@@ -504,7 +511,7 @@ def build_manifest(w: RunWriter, user: Mapping[str, Any]) -> dict[str, Any]:
         "run": w.run,
         "layout": w.layout.to_json(),
         "shards": shards,
-        "n_shards": w.layout.n_shards,
+        "n_shards": n_shards,
         "shard_size": w.layout.shard_size,
         **totals,
         "bytes": nbytes,

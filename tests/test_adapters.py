@@ -102,7 +102,7 @@ def test_vit_qkv_norms_match_the_projection():
 
 def _swin_received(attn, x: torch.Tensor) -> torch.Tensor:
     """Swin-v2 window attention written out from its parameters: [B_, N, C] -> [B_, N]."""
-    b_, n, c = x.shape
+    b_, n, _c = x.shape
     bias = torch.cat((attn.q_bias, torch.zeros_like(attn.v_bias), attn.v_bias))
     qkv = (x @ attn.qkv.weight.T + bias).reshape(b_, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
     q, k = qkv[0], qkv[1]
