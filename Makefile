@@ -7,7 +7,7 @@ STAMP := $(VENV)/.tokenlake-installed
 # import beside torch 2.13); pip finds both on this machine's disk.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test bench lint clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py --out bench-out
 
 lint: $(STAMP)
 	$(BIN)/ruff check extract store sql analyze probes cli tests
