@@ -51,6 +51,14 @@ def _adhoc_subset(args: argparse.Namespace) -> str:
     return name
 
 
+def _slurm_options(args: argparse.Namespace) -> dict:
+    opts = {"partition": args.slurm_partition, "gpus": args.slurm_gpus, "cpus": args.slurm_cpus,
+            "time_min": args.slurm_time}
+    if args.slurm_array_parallelism:
+        opts["array_parallelism"] = args.slurm_array_parallelism
+    return opts
+
+
 def extract(args: argparse.Namespace) -> int:
     subset_name = args.subset or _adhoc_subset(args)
     if args.subset and args.limit:
@@ -60,7 +68,8 @@ def extract(args: argparse.Namespace) -> int:
         weights=args.weights, img_size=args.img_size, run=args.run, outlier_ref=args.outlier_ref,
         normals_per_image=args.normals_per_image, keep_if_outlier=args.keep_if_outlier, n=args.n,
         blocks=args.blocks == "all", batch_size=args.batch_size, shard_size=args.shard_size,
-        device=args.device, workers=args.workers, quiet=args.quiet,
+        device=args.device, decode_workers=args.decode_workers, workers=args.workers,
+        executor=args.executor, slurm=_slurm_options(args), quiet=args.quiet,
     )
     manifest = run_extraction(request, log=lambda text: _say(args, text))
     totals = manifest

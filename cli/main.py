@@ -63,7 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--shard-size", type=int, default=256, help="images per shard")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if present)")
-    p.add_argument("--workers", type=int, default=None, help="decoding processes")
+    p.add_argument("--decode-workers", type=int, default=None,
+                   help="decoding processes per extraction process (default: cores - 1, max 8)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="extraction processes, each owning whole shards (one per GPU)")
+    p.add_argument("--executor", choices=["local", "slurm"], default="local",
+                   help="'slurm' submits the shards as a SLURM job array through submitit")
+    p.add_argument("--slurm-partition", default=None)
+    p.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per SLURM task")
+    p.add_argument("--slurm-cpus", type=int, default=8, help="CPUs per SLURM task")
+    p.add_argument("--slurm-time", type=int, default=240, help="time limit per task, minutes")
+    p.add_argument("--slurm-array-parallelism", type=int, default=None,
+                   help="SLURM tasks running at once (default: all)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_commands.extract)
 

@@ -2,7 +2,7 @@
 
 from tokenlake.extract._adapters import TokenLayout, make_adapter
 from tokenlake.extract._decode import DecodedImage, ImageRejected, decode_image
-from tokenlake.extract._job import ExtractRequest, default_run_name, extract, plan
+from tokenlake.extract._job import extract
 from tokenlake.extract._models import (
     ALIASES,
     ModelRequestError,
@@ -11,6 +11,7 @@ from tokenlake.extract._models import (
     resolve_model,
     resolve_weights,
 )
+from tokenlake.extract._plan import ExtractRequest, default_run_name, plan
 from tokenlake.extract._sources import Source, SourceError, SourceRecord, open_source
 from tokenlake.extract._subsets import draw_subset
 

@@ -28,7 +28,7 @@ def lake(folder, tmp_path_factory):
     for model, px in (("dinov2_s_reg4", 56), ("pvt_b0", 64)):
         code = main(["extract", "--lake", str(path), "--model", model, "--subset", "tiny",
                      "--weights", "random", "--img-size", str(px), "--batch-size", "4",
-                     "--shard-size", "5", "--workers", "0", "--quiet"])
+                     "--shard-size", "5", "--decode-workers", "0", "--quiet"])
         assert code == 0
     return path
 
@@ -123,7 +123,7 @@ def test_sql_command_formats(lake, tmp_path, capsys):
 
 def test_rerun_is_a_no_op_and_changed_config_is_refused(lake, capsys):
     args = ["extract", "--lake", str(lake), "--model", "pvt_b0", "--subset", "tiny", "--weights",
-            "random", "--img-size", "64", "--shard-size", "5", "--workers", "0", "--quiet"]
+            "random", "--img-size", "64", "--shard-size", "5", "--decode-workers", "0", "--quiet"]
     assert main(args) == 0
     assert main([*args[:-3], "--shard-size", "7", "--quiet"]) == 2
     assert "shard_size" in capsys.readouterr().err
@@ -136,9 +136,9 @@ def test_rerun_is_a_no_op_and_changed_config_is_refused(lake, capsys):
     (["--model", "pvt_b0", "--subset", "nope"], "nope"),
 ])
 def test_bad_requests_fail_before_any_model_runs(lake, capsys, argv, message, monkeypatch):
-    import tokenlake.extract._job as job
+    import tokenlake.extract._loop as loop
 
-    monkeypatch.setattr(job, "create_backbone", lambda *a, **k: pytest.fail("model was built"))
+    monkeypatch.setattr(loop, "create_backbone", lambda *a, **k: pytest.fail("model was built"))
     base = ["extract", "--lake", str(lake), "--weights", "random", "--quiet"]
     if "--subset" not in argv:
         argv = [*argv, "--subset", "tiny"]

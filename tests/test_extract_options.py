@@ -14,7 +14,7 @@ from tokenlake.store import open_lake
 
 REF = "dinov2_s_reg4-56-tiny-random"
 COMMON = ["--weights", "random", "--img-size", "56", "--batch-size", "4", "--shard-size", "4",
-          "--workers", "0", "--quiet"]
+          "--decode-workers", "0", "--quiet"]
 
 
 def _extract(lake, *extra, model="dinov2_s_reg4", subset="tiny") -> int:
@@ -94,7 +94,7 @@ def test_local_weights_file_is_loaded_and_hashed(lake, tmp_path):
     path = tmp_path / "weights.pth"
     torch.save(model.state_dict(), path)
     assert main(["extract", "--lake", str(lake), "--model", "dinov2_s_reg4", "--subset", "tiny",
-                 "--weights", str(path), "--img-size", "56", "--workers", "0", "--quiet",
+                 "--weights", str(path), "--img-size", "56", "--decode-workers", "0", "--quiet",
                  "--run", "fromfile"]) == 0
     db = open_lake(lake)
     man = db.manifest("fromfile")
@@ -141,7 +141,7 @@ def test_data_saved_to_disk_with_limit(tmp_path, image_helpers):
     lake = tmp_path / "lake"
     assert main(["extract", "--lake", str(lake), "--model", "pvt_b0", "--data",
                  str(tmp_path / "saved"), "--limit", "3", "--weights", "random", "--img-size", "64",
-                 "--workers", "0", "--quiet"]) == 0
+                 "--decode-workers", "0", "--quiet"]) == 0
     db = open_lake(lake)
     rows = db.sql("SELECT label, width FROM images ORDER BY image_id").to_pylist()
     assert rows == [{"label": 0, "width": 40}, {"label": 1, "width": 41}, {"label": 0, "width": 42}]
@@ -150,7 +150,7 @@ def test_data_saved_to_disk_with_limit(tmp_path, image_helpers):
 def test_real_photographs(tmp_path, imagenet_sample):
     lake = tmp_path / "lake"
     assert main(["extract", "--lake", str(lake), "--model", "pvt_b0", "--data", str(imagenet_sample),
-                 "--limit", "8", "--weights", "random", "--workers", "1", "--quiet"]) == 0
+                 "--limit", "8", "--weights", "random", "--decode-workers", "1", "--quiet"]) == 0
     db = open_lake(lake)
     assert db.sql("SELECT count(*) FROM images").column(0)[0].as_py() == 8
     assert db.sql("SELECT count(*) FROM tokens").column(0)[0].as_py() == 8 * 49

@@ -18,7 +18,7 @@ RUN = "dinov2_s_reg4-56-tiny-random"
 def _extract_args(lake) -> list[str]:
     return ["extract", "--lake", str(lake), "--model", "dinov2_s_reg4", "--subset", "tiny",
             "--weights", "random", "--img-size", "56", "--batch-size", "1", "--shard-size", "1",
-            "--workers", "0", "--quiet"]
+            "--decode-workers", "0", "--quiet"]
 
 
 def _snapshot(lake) -> dict:

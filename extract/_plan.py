@@ -1,0 +1,177 @@
+"""Checking and resolving an extraction request before any model is built."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from tokenlake import store
+from tokenlake.extract._adapters import TokenLayout, make_adapter
+from tokenlake.extract._loader import InputRow
+from tokenlake.extract._models import (
+    ModelRequestError,
+    ModelSpec,
+    Weights,
+    create_backbone,
+    resolve_model,
+    resolve_weights,
+)
+from tokenlake.extract._policy import POLICIES
+
+
+@dataclass(frozen=True)
+class ExtractRequest:
+    lake: str
+    model: str
+    subset: str
+    policy: str = "all"
+    weights: str = "pretrained"
+    img_size: int | None = None
+    run: str | None = None
+    outlier_ref: str | None = None
+    normals_per_image: int = 4
+    keep_if_outlier: bool = False
+    n: int | None = None  # with keep_if_outlier: how many images to keep
+    blocks: bool = False
+    batch_size: int = 32
+    shard_size: int = 256
+    device: str | None = None
+    decode_workers: int | None = None  # decoding processes per extraction process
+    workers: int = 1  # extraction processes, each owning whole shards
+    executor: str = "local"  # local | slurm (submitit)
+    slurm: dict = field(default_factory=dict)  # partition, gpus, time_min, array_parallelism
+    quiet: bool = False
+    seed: int = 0
+
+
+@dataclass
+class Plan:
+    request: ExtractRequest
+    spec: ModelSpec
+    weights: Weights
+    img_size: int
+    run: str
+    rows: list[InputRow]
+    subset_meta: dict
+    threshold: float | None
+    device: torch.device
+    config: dict = field(default_factory=dict)
+
+    @property
+    def n_shards(self) -> int:
+        return -(-len(self.rows) // self.request.shard_size)
+
+
+_PATCH = re.compile(r"patch(\d+)")
+
+
+def _check_resolution(spec: ModelSpec, img_size: int) -> None:
+    match = _PATCH.search(spec.timm_name)
+    if match is None:
+        return
+    patch = int(match.group(1))
+    if img_size % patch:
+        lo, hi = img_size // patch * patch, (img_size // patch + 1) * patch
+        raise ModelRequestError(
+            f"--img-size {img_size} is not a multiple of {spec.alias}'s patch size {patch}: "
+            f"use {lo} or {hi}"
+        )
+
+
+def default_run_name(spec: ModelSpec, img_size: int, subset: str, weights: Weights) -> str:
+    name = f"{spec.alias}-{img_size}-{subset}"
+    return name + "-random" if weights.is_random else name
+
+
+def plan(request: ExtractRequest) -> Plan:
+    """Every check that can fail, before any model is built."""
+    if request.policy not in POLICIES:
+        raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, not {request.policy!r}")
+    spec = resolve_model(request.model)
+    weights = resolve_weights(request.weights)
+    img_size = request.img_size or spec.img_size
+    _check_resolution(spec, img_size)
+    lake = store.open_lake(request.lake)
+    subset = store.read_subset(request.lake, request.subset)
+    needs_threshold = request.policy == "sample" or request.keep_if_outlier
+    threshold = None
+    if needs_threshold:
+        if not request.outlier_ref:
+            raise ValueError(
+                "--policy sample and --keep-if-outlier need --outlier-ref RUN: the run (usually the "
+                "model's val5k run with --policy all) whose 98th-percentile patch norm defines outliers"
+            )
+        threshold = reference_threshold(lake, request.outlier_ref)
+    if request.keep_if_outlier and not request.n:
+        raise ValueError("--keep-if-outlier needs --n: how many images to keep")
+    if request.keep_if_outlier and request.workers > 1:
+        raise ValueError("--keep-if-outlier walks the subset in order until --n images are kept: "
+                         "run it with --workers 1")
+    if request.executor not in ("local", "slurm"):
+        raise ValueError(f"--executor must be 'local' or 'slurm', not {request.executor!r}")
+    if request.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    rows = [
+        InputRow(image_id=i, source_index=int(s), source_id=str(sid),
+                 label=None if lab is None else int(lab))
+        for i, (s, sid, lab) in enumerate(zip(subset.column("source_index").to_pylist(),
+                                              subset.column("source_id").to_pylist(),
+                                              subset.column("label").to_pylist()))
+    ]
+    if not rows:
+        raise ValueError(f"subset {request.subset!r} is empty")
+    sources = set(subset.column("source").to_pylist())
+    splits = set(subset.column("split").to_pylist())
+    subset_meta = {"name": request.subset, "source": sources.pop(), "split": splits.pop(),
+                   "n": len(rows), "checksum": store.subset_checksum(request.lake, request.subset)}
+    # SLURM tasks run on GPU nodes even when this (login) node has none
+    gpu = torch.cuda.is_available() or request.executor == "slurm"
+    device = torch.device(request.device or ("cuda" if gpu else "cpu"))
+    run = request.run or default_run_name(spec, img_size, request.subset, weights)
+    config = {
+        "model": spec.timm_name, "alias": spec.alias, "weights": weights.kind,
+        "weights_sha256": weights.sha256, "img_size": img_size, "subset": subset_meta,
+        "policy": request.policy, "normals_per_image": request.normals_per_image,
+        "outlier_ref": request.outlier_ref, "threshold": threshold,
+        "keep_if_outlier": request.keep_if_outlier, "n": request.n, "blocks": request.blocks,
+        "shard_size": request.shard_size, "seed": request.seed,
+        "compute_dtype": "bfloat16" if device.type == "cuda" else "float32",
+    }
+    return Plan(request, spec, weights, img_size, run, rows, subset_meta, threshold, device, config)
+
+
+def reference_threshold(lake: store.Lake, run: str, percentile: float = 0.98) -> float:
+    """The outlier threshold a reference run defines (DESIGN: outliers are a query)."""
+    known = {r["run"] for r in lake.runs()}
+    if run not in known:
+        raise store.UnknownRun(f"--outlier-ref {run!r} is not a complete run in {lake.path}")
+    table = lake.sql(
+        "SELECT threshold FROM thresholds_at(?) WHERE run = ?", params=[percentile, run])
+    return float(table.column("threshold")[0].as_py())
+
+
+def array_specs(layout: TokenLayout) -> dict[str, store.ArraySpec]:
+    d = layout.embed_dim
+    specs = {
+        "tokens": store.ArraySpec(shape=(d,), dtype="float16", kind="token"),
+        "pixels": store.ArraySpec(shape=(layout.cell, layout.cell, 3), dtype="uint8", kind="token"),
+        "cls_post": store.ArraySpec(shape=(d,), dtype="float32", kind="image"),
+        "patch_mean_post": store.ArraySpec(shape=(d,), dtype="float32", kind="image"),
+    }
+    if layout.n_reg:
+        specs["registers_post"] = store.ArraySpec(shape=(layout.n_reg, d), dtype="float32",
+                                                  kind="image")
+    return specs
+
+
+def meta_layout(plan_: Plan) -> TokenLayout:
+    """The token layout from a weightless model on the meta device (instant even for ViT-G)."""
+    with torch.device("meta"):
+        model = create_backbone(plan_.spec, weights=Weights(kind="random"), img_size=plan_.img_size)
+    adapter = make_adapter(model, img_size=plan_.img_size, blocks=plan_.request.blocks)
+    adapter.close()
+    return adapter.layout
+
+
