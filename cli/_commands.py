@@ -151,6 +151,23 @@ def validate(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def plan(args: argparse.Namespace) -> int:
+    from tokenlake.cli import _experiments
+
+    exp = _experiments.load(args.file)
+    lake = store.open_lake(args.lake) if args.lake and args.lake.exists() else None
+    _experiments.print_plan(exp, lake)
+    return 0
+
+
+def run_experiment(args: argparse.Namespace) -> int:
+    from tokenlake.cli import _experiments
+
+    exp = _experiments.load(args.file)
+    return _experiments.execute(exp, lake=args.lake, device=args.device, quiet=args.quiet,
+                                log=lambda text: _say(args, text))
+
+
 def demo(args: argparse.Namespace) -> int:
     from tokenlake.cli._demo import run_demo
 

@@ -15,7 +15,6 @@ import numpy as np
 from PIL import Image
 
 from tokenlake import store
-from tokenlake.extract import ExtractRequest, draw_subset, extract, open_source
 from tokenlake.sql import query_text
 
 _PHOTOS = {
@@ -24,7 +23,6 @@ _PHOTOS = {
     "grayscale": ["camera", "coins", "moon", "page", "text"],
     "texture": ["grass", "gravel", "brick"],
 }
-DEMO_MODELS = (("dinov2_s_reg4", 224), ("pvt_b0", 224))
 
 
 def _skimage_photo(name: str) -> Image.Image:
@@ -82,28 +80,28 @@ def _banner(text: str) -> None:
     print(f"\n{line}\n{text}\n{line}")
 
 
+DEMO_FILE = Path(__file__).resolve().parents[1] / "experiments" / "demo.toml"
+
+
 def run_demo(*, out: Path, n_images: int = 64) -> int:
+    from tokenlake.cli import _experiments
+
     started = time.time()
     out = Path(out)
     lake = out / "lake"
+    if not DEMO_FILE.is_file():
+        raise FileNotFoundError(f"{DEMO_FILE} is missing: run the demo from a tokenlake checkout")
+    exp = _experiments.load(DEMO_FILE)
     images = build_demo_images(out / "images", n_images=n_images)
+    exp.subsets["demo"]["data"] = str(images)
     _banner(
         "tokenlake demo - RANDOM WEIGHTS.\n"
-        "The two backbones here are randomly initialised (no weights can be downloaded on this\n"
+        "The backbones here are randomly initialised (no weights can be downloaded on this\n"
         "machine), so the numbers below exercise the pipeline but say nothing about real models."
     )
-    source = open_source(str(images))
-    store.write_subset(lake, "demo", draw_subset(source, n=None))
-    print(f"subset 'demo': {source.num_rows} files from {images} "
-          f"(classes: {', '.join(source.label_names or [])})")
-    for model, px in DEMO_MODELS:
-        manifest = extract(ExtractRequest(
-            lake=str(lake), model=model, subset="demo", weights="random", img_size=px,
-            policy="all", batch_size=16, shard_size=16, quiet=False,
-        ))
-        totals = manifest
-        print(f"run {manifest['run']} [RANDOM WEIGHTS]: {totals.get('n_images')} images, "
-              f"{totals.get('n_errors')} errors, {totals.get('n_tokens')} tokens")
+    print(f"images: {images} ({n_images} files in class folders, one of them truncated on purpose)")
+    print(f"plan:   {DEMO_FILE}")
+    _experiments.execute(exp, lake=lake, device="cpu", quiet=False)
     db = store.open_lake(lake)
     import polars as pl
 
@@ -112,17 +110,17 @@ def run_demo(*, out: Path, n_images: int = 64) -> int:
                    tbl_hide_dataframe_shape=True):
         _banner("Token norm percentiles per run and token kind (sql: norm_percentiles.sql)")
         print(pl.from_arrow(db.sql(query_text("norm_percentiles"))))
-        _banner("Outliers per run: tokens above the run's 98th-percentile patch norm "
-                "(sql: outlier_counts.sql)")
+        _banner("Outliers per run: tokens above the 98th-percentile patch norm of the run's "
+                "threshold run (sql: outlier_counts.sql)")
         print(pl.from_arrow(db.sql(query_text("outlier_counts"))))
         _banner("Inputs that could not be used (sql: SELECT run, source_id, reason FROM errors)")
         print(pl.from_arrow(db.sql("SELECT run, source_id, reason FROM errors ORDER BY run")))
     _banner(
         f"Done in {time.time() - started:.0f} s. Lake: {lake}\n"
         f"Ask it anything:  tokenlake sql --lake {lake} \"SELECT run, count(*) FROM outliers GROUP BY run\"\n"
+        f"What is in it:    tokenlake runs --lake {lake}\n"
         "On a GPU machine with hub access, the real thing is:\n"
-        "  tokenlake subset  --lake LAKE --name val5k --data ILSVRC/imagenet-1k --split validation "
-        "--n 5000 --seed 42\n"
-        "  tokenlake extract --lake LAKE --model dinov2_g_reg4 --subset val5k --policy all"
+        "  tokenlake plan experiments/paper.toml          # every run of the paper, GPU time, disk\n"
+        "  tokenlake run  experiments/paper.toml --lake LAKE"
     )
     return 0

@@ -98,6 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None)
     p.set_defaults(func=_commands.validate)
 
+    p = sub.add_parser("plan", help="print an experiment file's runs with GPU time and disk")
+    p.add_argument("file", type=Path, help="e.g. experiments/paper.toml")
+    p.add_argument("--lake", type=Path, default=None, help="mark what this lake already holds")
+    p.set_defaults(func=_commands.plan)
+
+    p = sub.add_parser("run", help="execute an experiment file, skipping what the lake holds")
+    p.add_argument("file", type=Path)
+    _lake(p)
+    p.add_argument("--device", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_commands.run_experiment)
+
     p = sub.add_parser("demo", help="build the demo image set, extract two random-weight models, "
                                     "and print a few SQL answers")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="where the lake goes")

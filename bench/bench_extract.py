@@ -1,0 +1,90 @@
+"""CPU extraction against a bare `forward_features` loop over the same images (target <= 1.15x).
+
+The bare loop gets its inputs already decoded, resized and normalised (that work is not timed);
+extraction does everything: decoding in a worker process, the forward pass with hooks, attention,
+neighbour cosines, pixels, and writing the shard files.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tokenlake.extract import (
+    ExtractRequest,
+    create_backbone,
+    draw_subset,
+    extract,
+    open_source,
+    resolve_model,
+    resolve_weights,
+)
+from tokenlake.extract._decode import decode_image
+from tokenlake.extract._preprocess import Resizer, data_config, normalise
+from tokenlake.store import write_subset
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+MODELS = (("pvt_b2", 224), ("deit3_m", 224))
+
+
+def _images(out: Path, n: int) -> Path:
+    """Real photographs when the shared sample is here; otherwise generated JPEGs of similar size."""
+    folder = out / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    if SAMPLE.is_dir():
+        for path in sorted(SAMPLE.glob("*.JPEG"))[:n]:
+            target = folder / path.name
+            if not target.exists():
+                target.symlink_to(path)
+        return folder
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        pixels = rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i:04d}.jpg", quality=90)
+    return folder
+
+
+def _bare(alias: str, px: int, folder: Path, batch: int) -> float:
+    model = create_backbone(resolve_model(alias), weights=resolve_weights("random"), img_size=px)
+    cfg = data_config(model, img_size=px)
+    resize = Resizer(cfg)
+    source = open_source(str(folder))
+    pixels = [resize(decode_image(r.data).image) for r in source.records(range(source.num_rows))]
+    x = normalise(torch.from_numpy(np.stack(pixels)), cfg)
+    with torch.inference_mode():
+        model.forward_features(x[:2])  # warm-up
+        start = time.perf_counter()
+        for i in range(0, len(x), batch):
+            model.forward_features(x[i:i + batch])
+        return time.perf_counter() - start
+
+
+def _extract(alias: str, px: int, lake: Path, batch: int) -> float:
+    start = time.perf_counter()
+    extract(ExtractRequest(lake=str(lake), model=alias, subset="bench", weights="random",
+                           img_size=px, batch_size=batch, shard_size=64, quiet=True,
+                           run=f"{alias}-{time.time_ns()}"), log=lambda _t: None)
+    return time.perf_counter() - start
+
+
+def run(*, out: Path, quick: bool) -> list[dict]:
+    n, batch = (16, 8) if quick else (96, 32)
+    folder = _images(out, n)
+    lake = out / "lake"
+    write_subset(lake, "bench", draw_subset(open_source(str(folder)), n=None))
+    torch.set_num_threads(torch.get_num_threads())
+    rows = []
+    for alias, px in MODELS:
+        bare = _bare(alias, px, folder, batch)
+        full = _extract(alias, px, lake, batch)
+        ratio = full / bare
+        rows.append({"name": f"cpu extraction / bare forward, {alias}@{px}, {n} images",
+                     "value": ratio, "unit": "x", "target": "<= 1.15", "ok": ratio <= 1.15,
+                     "note": f"bare {bare:.1f} s ({n / bare:.1f} img/s), extraction {full:.1f} s "
+                             f"({n / full:.1f} img/s), random weights"})
+    return rows

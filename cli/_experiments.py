@@ -1,0 +1,209 @@
+"""Experiment files (`experiments/*.toml`): the whole paper as one plan, printed or executed.
+
+A file lists subsets, runs, analyses and probes. `plan` estimates each run's images, GPU time and
+disk before anything runs; `run` executes in dependency order (a run's `outlier_ref` first) and
+skips whatever the lake already holds.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tokenlake import store
+from tokenlake.extract import (
+    ExtractRequest,
+    create_backbone,
+    default_run_name,
+    draw_subset,
+    extract,
+    open_source,
+    resolve_model,
+    resolve_weights,
+)
+
+# Bare bf16 forward throughput on one H200 (random weights, same FLOPs as pretrained), measured
+# 2026-11 (shared/DESIGN.md). Other models are scaled by parameters x tokens within their family.
+ANCHORS = {  # (alias, px): img/s
+    ("dinov2_s", 518): 2347, ("dinov2_g_reg4", 518): 108, ("dinov2_g", 224): 636,
+    ("deit3_m", 224): 13143, ("clip_b", 224): 8976, ("clip_h", 224): 1253,
+    ("swinv2_s", 256): 2062, ("pvt_b2", 224): 5762,
+}
+# Until a 5k run says otherwise, assume half the candidates of a keep-if-outlier run are kept.
+DEFAULT_KEEP_SHARE = 0.5
+PARQUET_BYTES_PER_TOKEN = 24  # measured on demo lakes: ~9 columns, zstd
+
+
+@dataclass
+class RunSpec:
+    model: str
+    subset: str
+    policy: str = "all"
+    img_size: int | None = None
+    run: str | None = None
+    outlier_ref: str | None = None
+    keep_if_outlier: bool = False
+    n: int | None = None
+    blocks: str = "none"
+    normals_per_image: int = 4
+    weights: str = "pretrained"
+
+    def name(self) -> str:
+        spec = resolve_model(self.model)
+        weights = resolve_weights(self.weights)
+        return self.run or default_run_name(spec, self.img_size or spec.img_size, self.subset,
+                                            weights)
+
+
+@dataclass
+class Experiment:
+    subsets: dict[str, dict]
+    runs: list[RunSpec]
+    analyses: list[dict] = field(default_factory=list)
+    probes: list[dict] = field(default_factory=list)
+
+
+def load(path: Path) -> Experiment:
+    with open(path, "rb") as handle:
+        raw = tomllib.load(handle)
+    unknown = set(raw) - {"subsets", "runs", "analyses", "probes"}
+    if unknown:
+        raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}")
+    runs = []
+    for i, entry in enumerate(raw.get("runs", [])):
+        try:
+            runs.append(RunSpec(**entry))
+        except TypeError as err:
+            raise ValueError(f"{path}: runs[{i}]: {err}") from None
+        if runs[-1].subset not in raw.get("subsets", {}):
+            raise ValueError(f"{path}: runs[{i}] uses subset {runs[-1].subset!r}, not defined")
+    return Experiment(raw.get("subsets", {}), _ordered(runs), raw.get("analyses", []),
+                      raw.get("probes", []))
+
+
+def _ordered(runs: list[RunSpec]) -> list[RunSpec]:
+    """Reference runs first (a 200k selection needs its model's 5k threshold)."""
+    by_name = {r.name(): r for r in runs}
+    done: list[RunSpec] = []
+    seen: set[str] = set()
+
+    def visit(run: RunSpec, stack: tuple[str, ...]) -> None:
+        name = run.name()
+        if name in seen:
+            return
+        if name in stack:
+            raise ValueError(f"outlier_ref cycle: {' -> '.join(stack + (name,))}")
+        if run.outlier_ref in by_name:
+            visit(by_name[run.outlier_ref], stack + (name,))
+        seen.add(name)
+        done.append(run)
+
+    for run in runs:
+        visit(run, ())
+    return done
+
+
+def _family(alias: str) -> str:
+    return "swin" if alias.startswith("swin") else "pvt" if alias.startswith("pvt") else "vit"
+
+
+@functools.cache
+def _cost(alias: str, px: int) -> tuple[float, int, int, int]:
+    """(params x tokens, tokens, embed dim, cell pixels) of a model at px, from a weightless copy."""
+    spec = resolve_model(alias)
+    with torch.device("meta"):
+        model = create_backbone(spec, weights=resolve_weights("random"), img_size=px)
+    from tokenlake.extract import make_adapter
+
+    layout = make_adapter(model, img_size=px).layout
+    params = sum(t.numel() for t in model.parameters())
+    return params * layout.n_tokens, layout.n_tokens, layout.embed_dim, layout.cell
+
+
+def images_per_second(alias: str, px: int, _cache: dict = {}) -> float:  # noqa: B006
+    if (alias, px) in ANCHORS:
+        return float(ANCHORS[alias, px])
+    if not _cache:
+        for (a, p), rate in ANCHORS.items():
+            _cache.setdefault(_family(a), []).append(rate * _cost(a, p)[0])
+    work = sorted(_cache[_family(alias)])
+    return work[len(work) // 2] / _cost(alias, px)[0]
+
+
+def _subset_size(spec: dict) -> int:
+    known = {("ILSVRC/imagenet-1k", "validation"): 50_000, ("ILSVRC/imagenet-1k", "train"): 1_281_167}
+    if "n" in spec:
+        return int(spec["n"])
+    size = known.get((spec["data"], spec.get("split")))
+    return size if size is not None else open_source(spec["data"], split=spec.get("split")).num_rows
+
+
+def estimate(exp: Experiment, run: RunSpec, lake: store.Lake | None) -> dict:
+    px = run.img_size or resolve_model(run.model).img_size
+    _, tokens, dim, cell = _cost(run.model, px)
+    n = run.n if run.keep_if_outlier else _subset_size(exp.subsets[run.subset])
+    processed = n
+    if run.keep_if_outlier:
+        processed = math.ceil(n / _keep_share(lake, run.outlier_ref))
+    stored = {"all": tokens, "summary": 0, "sample": 1 + 4 + run.normals_per_image + 0.02 * tokens}
+    row_bytes = dim * 2 + cell * cell * 3
+    disk = n * (stored[run.policy] * row_bytes + tokens * PARQUET_BYTES_PER_TOKEN + 3 * dim * 4)
+    return {"run": run.name(), "px": px, "policy": run.policy, "images": n, "processed": processed,
+            "gpu_s": processed / images_per_second(run.model, px), "disk": disk}
+
+
+def _keep_share(lake: store.Lake | None, ref: str | None) -> float:
+    if lake is None or ref is None or ref not in {r["run"] for r in lake.runs()}:
+        return DEFAULT_KEEP_SHARE
+    share = lake.sql("SELECT image_share FROM (" + _outlier_counts() + ") WHERE run = ?",
+                     params=[ref]).column(0)[0].as_py()
+    return max(share or DEFAULT_KEEP_SHARE, 1e-3)
+
+
+def _outlier_counts() -> str:
+    from tokenlake.sql import query_text
+
+    return query_text("outlier_counts").strip().rstrip(";")
+
+
+def print_plan(exp: Experiment, lake: store.Lake | None) -> float:
+    rows = [estimate(exp, r, lake) for r in exp.runs]
+    done = {r["run"] for r in lake.runs()} if lake else set()
+    width = max(len(r["run"]) for r in rows)
+    print(f"{'run':<{width}} {'px':>4} {'policy':<8} {'images':>9} {'GPU min':>8} {'disk GB':>8}")
+    for r in rows:
+        mark = "  (in the lake)" if r["run"] in done else ""
+        print(f"{r['run']:<{width}} {r['px']:>4} {r['policy']:<8} {r['processed']:>9,} "
+              f"{r['gpu_s'] / 60:>8.1f} {r['disk'] / 1e9:>8.2f}{mark}")
+    todo = [r for r in rows if r["run"] not in done]
+    hours = sum(r["gpu_s"] for r in todo) / 3600
+    print(f"\n{len(rows)} runs ({len(todo)} to do): {hours:.2f} GPU-hours of bare forward on one "
+          f"H200 (rates from DESIGN.md, scaled by parameters x tokens), "
+          f"{sum(r['disk'] for r in todo) / 1e12:.2f} TB to write")
+    print(f"{len(exp.analyses)} analyses and {len(exp.probes)} probes follow on the lake (CPU or GPU).")
+    return hours
+
+
+def execute(exp: Experiment, *, lake: Path, device: str | None, quiet: bool, log=print) -> int:
+    for name, spec in exp.subsets.items():
+        try:
+            store.read_subset(lake, name)
+        except (store.LakeError, FileNotFoundError):
+            source = open_source(spec["data"], split=spec.get("split"))
+            store.write_subset(lake, name, draw_subset(source, n=spec.get("n"),
+                                                       seed=spec.get("seed", 42)))
+            log(f"subset {name}: written")
+    for run in exp.runs:
+        manifest = extract(ExtractRequest(
+            lake=str(lake), model=run.model, subset=run.subset, policy=run.policy,
+            weights=run.weights, img_size=run.img_size, run=run.name(), outlier_ref=run.outlier_ref,
+            normals_per_image=run.normals_per_image, keep_if_outlier=run.keep_if_outlier, n=run.n,
+            blocks=run.blocks == "all", device=device, quiet=quiet), log=log)
+        log(f"run {manifest['run']}: {manifest['n_images']} images")
+    return 0
+
