@@ -205,5 +205,27 @@ def execute(exp: Experiment, *, lake: Path, device: str | None, quiet: bool, log
             normals_per_image=run.normals_per_image, keep_if_outlier=run.keep_if_outlier, n=run.n,
             blocks=run.blocks == "all", device=device, quiet=quiet), log=log)
         log(f"run {manifest['run']}: {manifest['n_images']} images")
+    for entry in exp.analyses:
+        _step("analyze", entry, lake=lake, quiet=quiet)
+    for entry in exp.probes:
+        _step("probe", entry, lake=lake, quiet=quiet, device=device)
     return 0
+
+
+def _step(command: str, entry: dict, *, lake: Path, quiet: bool, device: str | None = None) -> None:
+    """An analysis or probe entry, run through the same command line a user would type."""
+    from tokenlake.cli.main import main
+
+    entry = dict(entry)
+    argv = [command, entry.pop("name"), "--lake", str(lake)]
+    for key, value in entry.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    if command == "probe":
+        argv += (["--device", device] if device else []) + (["--quiet"] if quiet else [])
+    try:
+        code = main(argv)
+    except SystemExit as stop:  # argparse refusing an option of the experiment file
+        raise ValueError(f"experiment entry {' '.join(argv)}: invalid options") from stop
+    if code:
+        raise RuntimeError(f"`tokenlake {' '.join(argv)}` failed with exit code {code}")
 

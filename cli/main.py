@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tokenlake.cli import _commands
+from tokenlake.cli import _analyze_cmd, _commands, _probe_cmd
 
 
 def _lake(p: argparse.ArgumentParser) -> None:
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     _lake(p)
     p.add_argument("--run", default=None)
     p.set_defaults(func=_commands.validate)
+
+    _analyze_cmd.register(sub)
+    _probe_cmd.register(sub)
 
     p = sub.add_parser("plan", help="print an experiment file's runs with GPU time and disk")
     p.add_argument("file", type=Path, help="e.g. experiments/paper.toml")
