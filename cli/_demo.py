@@ -115,8 +115,12 @@ def run_demo(*, out: Path, n_images: int = 64) -> int:
         print(pl.from_arrow(db.sql(query_text("outlier_counts"))))
         _banner("Inputs that could not be used (sql: SELECT run, source_id, reason FROM errors)")
         print(pl.from_arrow(db.sql("SELECT run, source_id, reason FROM errors ORDER BY run")))
+    from tokenlake.analyze import report
+
+    html = report(lake, out=out / "report")["html"]
     _banner(
         f"Done in {time.time() - started:.0f} s. Lake: {lake}\n"
+        f"Report (figures, tables beside the paper's, verdicts): {html}\n"
         f"Ask it anything:  tokenlake sql --lake {lake} \"SELECT run, count(*) FROM outliers GROUP BY run\"\n"
         f"What is in it:    tokenlake runs --lake {lake}\n"
         "On a GPU machine with hub access, the real thing is:\n"

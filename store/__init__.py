@@ -10,6 +10,12 @@ from tokenlake.store._errors import (
 )
 from tokenlake.store._lake import Lake, open_lake
 from tokenlake.store._layout import ArraySpec, RunLayout
+from tokenlake.store._probes import (
+    probe_config_hash,
+    probe_result_dir,
+    read_probe_result,
+    write_probe_result,
+)
 from tokenlake.store._schema import SCHEMA_VERSION, TABLE_SCHEMAS, TOKEN_KINDS
 from tokenlake.store._subsets import read_subset, subset_checksum, table_checksum, write_subset
 from tokenlake.store._write_run import write_run
@@ -30,10 +36,14 @@ __all__ = [
     "RunWriter",
     "UnknownRun",
     "open_lake",
+    "probe_config_hash",
+    "probe_result_dir",
+    "read_probe_result",
     "read_subset",
     "shard_name",
     "subset_checksum",
     "table_checksum",
+    "write_probe_result",
     "write_run",
     "write_subset",
 ]

@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from tokenlake import sql as sqlpkg
 from tokenlake.store._errors import ReadOnlyQuery
+from tokenlake.store._probes import probe_results_view
 from tokenlake.store._schema import TABLE_SCHEMAS
 
 _DUCK_TYPES = {
@@ -98,6 +99,7 @@ def connect(lake: Path, manifests: dict[str, dict[str, Any]]) -> duckdb.DuckDBPy
         con.executemany(f"INSERT INTO runs VALUES ({', '.join('?' * len(RUNS_COLUMNS))})", rows)
     for table in RUN_TABLES:
         con.execute(_table_view(table, lake, manifests))
+    con.execute(probe_results_view(lake))
     for name in sqlpkg.view_names():
         con.execute(sqlpkg.view_text(name))
     # Order matters: allowed_directories must be set while external access is still enabled.

@@ -1,0 +1,154 @@
+"""`tokenlake probe NAME --lake LAKE --run RUN ...`: the linear probes of tokenlake.probes.
+
+Wiring (cli/main.py): `from tokenlake.cli import _probe_cmd` then `_probe_cmd.register(sub)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+NAMES = ("position", "reconstruct", "classify", "heads", "registers", "sweep")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "probe", help="linear probes on the lake: position | reconstruct | classify | heads | "
+                      "registers | sweep (paper Tables 1-5, Figure 11)",
+        description="Train (or reuse) a linear probe on a run's cached tokens. Results go to "
+                    "LAKE/probes/<run>/<probe>-<hash>/ and the probe_results SQL view. "
+                    "Hyper-parameters left unset take the probe's recorded defaults "
+                    "(probes/README.md).",
+    )
+    p.add_argument("name", choices=NAMES, metavar="NAME", help=" | ".join(NAMES))
+    p.add_argument("--lake", required=True, type=Path, help="the lake's root directory")
+    p.add_argument("--run", default=None, help="the run to probe")
+    p.add_argument("--head", type=Path, default=None,
+                   help="heads/registers: local DINOv2 linear head .pth "
+                        "(dinov2_vit{s,b,l,g}14[_reg4]_linear_head.pth)")
+    p.add_argument("--run-without", default=None,
+                   help="heads: run of the model without registers (with --head-without)")
+    p.add_argument("--head-without", type=Path, default=None)
+    p.add_argument("--run-with-registers", default=None,
+                   help="heads: run of the model with registers (with --head-with-registers)")
+    p.add_argument("--head-with-registers", type=Path, default=None)
+    p.add_argument("--train-run", default=None,
+                   help="registers: train/val on this run, test on --run (default: split --run)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if present)")
+    p.add_argument("--force", action="store_true", help="retrain even if a result exists")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    g = p.add_argument_group("hyper-parameters (default: the probe's, see probes/README.md)")
+    g.add_argument("--lrs", type=_floats, default=None, help="comma-separated lr grid")
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--max-epochs", type=int, default=None)
+    g.add_argument("--patience", type=int, default=None, help="not for registers (fixed epochs)")
+    g.add_argument("--val-fraction", type=float, default=None)
+    g.add_argument("--test-fraction", type=float, default=None)
+    g.add_argument("--max-train-tokens", type=int, default=None,
+                   help="position/reconstruct/sweep: seeded cap on training tokens")
+    g.add_argument("--mse-weight", type=float, default=None, help="position/sweep (0.5)")
+    g.add_argument("--tops", type=_floats, default=None,
+                   help="sweep: top-%% levels, default 50,40,30,20,10,5,2")
+    p.set_defaults(func=run)
+    return p
+
+
+_HP = ("lrs", "batch_size", "weight_decay", "max_epochs", "patience", "val_fraction",
+       "test_fraction", "max_train_tokens", "mse_weight")
+
+
+def _hp(args, allowed) -> dict:
+    out = {}
+    for k in _HP:
+        v = getattr(args, k)
+        if v is None:
+            continue
+        if k not in allowed:
+            raise ValueError(f"--{k.replace('_', '-')} does not apply to probe {args.name}")
+        out[k] = v
+    return out
+
+
+def _print(args, result) -> None:
+    from tokenlake.probes import format_result
+
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=1,
+                         default=str))
+        return
+    state = "reused" if result.get("reused") else "trained"
+    print(f"# {result['probe']} {result['run']} [{result['config_hash']}] ({state}) "
+          f"-> {result['path']}")
+    print(format_result(result))
+
+
+def run(args: argparse.Namespace) -> int:
+    from tokenlake import probes
+    from tokenlake.probes import _classify, _position, _reconstruct, _registers
+
+    common = {"device": args.device, "force": args.force, "seed": args.seed, "quiet": args.quiet}
+    name = args.name
+    if name == "heads":
+        pairs = []
+        if args.run or args.head:
+            if not (args.run and args.head):
+                raise ValueError("heads needs --run with --head")
+            pairs.append(("run", args.run, args.head))
+        for label, r, h in (("without registers", args.run_without, args.head_without),
+                            ("with registers", args.run_with_registers, args.head_with_registers)):
+            if r or h:
+                if not (r and h):
+                    raise ValueError(f"heads {label}: give both the run and its head")
+                pairs.append((label, r, h))
+        if not pairs:
+            raise ValueError("heads needs --run/--head, or --run-without/--head-without and/or "
+                             "--run-with-registers/--head-with-registers")
+        _hp(args, ())
+        for label, r, h in pairs:
+            res = probes.heads(args.lake, r, h, **common)
+            if len(pairs) > 1:
+                print(f"## {label}")
+            _print(args, res)
+        return 0
+    if not args.run:
+        raise ValueError(f"probe {name} needs --run")
+    if name == "position":
+        res = probes.position(args.lake, args.run, **common,
+                              **_hp(args, _position.DEFAULTS))
+    elif name == "reconstruct":
+        res = probes.reconstruct(args.lake, args.run, **common,
+                                 **_hp(args, _reconstruct.DEFAULTS))
+    elif name == "classify":
+        res = probes.classify(args.lake, args.run, **common, **_hp(args, _classify.DEFAULTS))
+    elif name == "registers":
+        res = probes.registers(args.lake, args.run, head=args.head, train_run=args.train_run,
+                               **common, **_hp(args, _registers.DEFAULTS))
+    else:
+        extra = {"tops": args.tops} if args.tops else {}
+        res = probes.sweep(args.lake, args.run, **common, **extra,
+                           **_hp(args, _position.DEFAULTS))
+    _print(args, res)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry (tests, before the lead wires `register` into cli/main.py)."""
+    parser = argparse.ArgumentParser(prog="tokenlake")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    from tokenlake import store
+
+    try:
+        return int(args.func(args) or 0)
+    except (store.LakeError, ValueError, FileNotFoundError) as err:
+        print(f"tokenlake probe: error: {err}", file=sys.stderr)
+        return 2

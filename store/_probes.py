@@ -1,0 +1,165 @@
+"""Probe results in the lake: LAKE/probes/<run>/<probe>-<config_hash>/, committed atomically.
+
+Layout of one result directory (the directory's presence == the result is complete):
+
+    result.json      the probe's full result (metrics, every choice made, epochs run, chosen lr)
+    config.json      the configuration that `config_hash` hashes
+    result.parquet   the long-format rows of the `probe_results` view
+    weights.pt ...   any further files the probe hands over (trained weights)
+
+A result is written into `probes/.staging/<pid>-<uuid>/<probe>-<hash>/` and renamed into place, so a
+killed probe leaves at most a staging folder that no reader looks at. The SQL view reads
+`probes/*/*/result.parquet` (the staging folder is one level deeper, so it never matches).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tokenlake.store._errors import LakeError
+
+__all__ = [
+    "PROBE_RESULTS_SCHEMA",
+    "probe_config_hash",
+    "probe_result_dir",
+    "probe_results_view",
+    "read_probe_result",
+    "write_probe_result",
+]
+
+PROBE_RESULTS_SCHEMA = pa.schema(
+    [
+        ("run", pa.string()),
+        ("probe", pa.string()),
+        ("token_group", pa.string()),
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+        ("config_hash", pa.string()),
+        ("created", pa.timestamp("us", tz="UTC")),
+    ]
+)
+_DUCK = {
+    "run": "VARCHAR", "probe": "VARCHAR", "token_group": "VARCHAR", "metric": "VARCHAR",
+    "value": "DOUBLE", "config_hash": "VARCHAR", "created": "TIMESTAMPTZ",
+}
+_STAGING = ".staging"
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def probe_config_hash(config: Mapping[str, Any]) -> str:
+    """12 hex digits of sha256 over the canonical JSON of a probe configuration."""
+    return hashlib.sha256(b"tokenlake-probe-v1\0" + _canonical(dict(config))).hexdigest()[:12]
+
+
+def probe_result_dir(lake: str | Path, run: str, probe: str, config_hash: str) -> Path:
+    return Path(lake) / "probes" / run / f"{probe}-{config_hash}"
+
+
+def read_probe_result(
+    lake: str | Path, run: str, probe: str, config_hash: str
+) -> dict[str, Any] | None:
+    """The committed result.json of (run, probe, config_hash), or None when there is none."""
+    p = probe_result_dir(lake, run, probe, config_hash) / "result.json"
+    if not p.exists():
+        return None
+    return json.loads(p.read_text())
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_probe_result(
+    lake: str | Path,
+    run: str,
+    probe: str,
+    config_hash: str,
+    *,
+    config: Mapping[str, Any],
+    result: Mapping[str, Any],
+    rows: Iterable[tuple[str, str, float]],
+    files: Mapping[str, bytes] | None = None,
+    force: bool = False,
+) -> Path:
+    """Commit one probe result atomically; returns its directory.
+
+    rows: (token_group, metric, value) triples for the `probe_results` view. Without `force`, an
+    existing result of the same (run, probe, config_hash) is kept and the new one discarded.
+    """
+    lake = Path(lake)
+    if not (lake / "runs" / run / "manifest.json").exists():
+        raise LakeError(f"no complete run {run!r} in {lake}")
+    final = probe_result_dir(lake, run, probe, config_hash)
+    if final.exists() and not force:
+        return final
+    stage_root = lake / "probes" / _STAGING / f"{os.getpid()}-{uuid.uuid4().hex}"
+    stage = stage_root / final.name
+    stage.mkdir(parents=True)
+    try:
+        created = datetime.now(UTC)
+        rows = list(rows)
+        table = pa.table(
+            {
+                "run": [run] * len(rows),
+                "probe": [probe] * len(rows),
+                "token_group": [r[0] for r in rows],
+                "metric": [r[1] for r in rows],
+                "value": [float(r[2]) for r in rows],
+                "config_hash": [config_hash] * len(rows),
+                "created": [created] * len(rows),
+            },
+            schema=PROBE_RESULTS_SCHEMA,
+        )
+        pq.write_table(table, stage / "result.parquet")
+        full = {"run": run, "probe": probe, "config_hash": config_hash,
+                "created": created.isoformat(), **dict(result)}
+        _write_bytes(stage / "result.json", json.dumps(full, indent=1, default=str).encode())
+        _write_bytes(stage / "config.json", json.dumps(dict(config), indent=1, default=str).encode())
+        for name, data in (files or {}).items():
+            if "/" in name or name.startswith("."):
+                raise ValueError(f"bad result file name {name!r}")
+            _write_bytes(stage / name, data)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        old = None
+        if final.exists():
+            if not force:
+                return final
+            old = stage_root / "replaced"
+            os.rename(final, old)
+        os.rename(stage, final)
+        return final
+    finally:
+        shutil.rmtree(stage_root, ignore_errors=True)
+
+
+def probe_results_view(lake: str | Path) -> str:
+    """CREATE VIEW probe_results over every committed result.parquet of the lake.
+
+    The glob is expanded at query time, so results committed after the connection was made show up
+    (a connection made while the lake had no result at all keeps an empty view).
+    """
+    lake = Path(lake)
+    cols = ", ".join(f'"{n}"' for n in PROBE_RESULTS_SCHEMA.names)
+    if any((lake / "probes").glob("*/*/result.parquet")):
+        pattern = str(lake / "probes" / "*" / "*" / "result.parquet").replace("'", "''")
+        body = f"SELECT {cols} FROM read_parquet('{pattern}')"
+    else:
+        body = "SELECT " + ", ".join(f'NULL::{t} AS "{n}"' for n, t in _DUCK.items()) + " WHERE false"
+    return f"CREATE VIEW probe_results AS {body}"
