@@ -13,24 +13,20 @@ PAPER_ROWS = {"dinov2_s": "DINOv2-S", "deit3_m": "DeiT3-M", "clip_b": "OpenCLIP-
               "dinov2_g": "DINOv2-G", "swinv2_s": "Swin-S", "pvt_b2": "PVT-b2"}
 DINOV2_SIZES = {"s": "Small", "b": "Base", "l": "Large", "g": "Giant"}
 
-# How each paper table is found in probe_results: (table key, title, probe names accepted,
-# {paper column: (token_group values, metric values)}). Accuracies may be stored as fractions.
+# How each paper table is found in probe_results (the names tokenlake.probes writes):
+# (table key, title, probe names, {paper column: (token_group values, metric values)}).
 TABLES = [
-    ("table1_position", "Table 1 — position prediction", ("position", "position_prediction"),
-     {"top1_normal": (("normal",), ("top1", "top1_acc", "accuracy")),
-      "top1_outlier": (("outlier",), ("top1", "top1_acc", "accuracy")),
-      "dist_normal": (("normal",), ("dist", "avg_distance", "mean_distance", "distance")),
-      "dist_outlier": (("outlier",), ("dist", "avg_distance", "mean_distance", "distance"))}),
-    ("table2_reconstruction", "Table 2 — pixel reconstruction", ("reconstruct", "reconstruction", "pixel_reconstruction"),
-     {"l2_normal": (("normal",), ("l2", "l2_error", "mse")),
-      "l2_outlier": (("outlier",), ("l2", "l2_error", "mse"))}),
-    ("table3_classification", "Table 3 — classification from one token",
-     ("classify", "classification", "token_classification"),
-     {"cls": (("cls",), ("top1", "top1_acc", "accuracy")),
-      "normal": (("normal",), ("top1", "top1_acc", "accuracy")),
-      "outlier": (("outlier",), ("top1", "top1_acc", "accuracy"))}),
+    ("table1_position", "Table 1 — position prediction", ("position",),
+     {"top1_normal": (("normal",), ("top1",)), "top1_outlier": (("outlier",), ("top1",)),
+      "dist_normal": (("normal",), ("dist",)), "dist_outlier": (("outlier",), ("dist",)),
+      "baseline": (("grid",), ("baseline_dist",))}),
+    ("table2_reconstruction", "Table 2 — pixel reconstruction", ("reconstruct",),
+     {"l2_normal": (("normal",), ("l2",)), "l2_outlier": (("outlier",), ("l2",))}),
+    ("table3_classification", "Table 3 — classification from one token", ("classify",),
+     {"cls": (("cls",), ("top1",)), "normal": (("normal",), ("top1",)),
+      "outlier": (("outlier",), ("top1",))}),
 ]
-ACC_METRICS = {"top1", "top1_acc", "accuracy"}
+ACC_METRICS = {"top1"}
 
 
 def reference() -> dict[str, Any]:
@@ -51,9 +47,9 @@ def probe_rows(lk: Lake) -> tuple[list[dict] | None, str]:
 
 
 def _pct(metric: str, v: float | None) -> float | None:
-    if v is None:
-        return None
-    return 100 * v if metric in ACC_METRICS and abs(v) <= 1.0 else v
+    """tokenlake.probes stores accuracies in percent already; the value passes through."""
+    del metric
+    return v
 
 
 def paper_tables(lk: Lake, models: dict[str, str]) -> list[dict[str, Any]]:
@@ -70,8 +66,10 @@ def paper_tables(lk: Lake, models: dict[str, str]) -> list[dict[str, Any]]:
         if rows is not None:
             for run, alias in sorted(models.items()):
                 paper = PAPER_ROWS.get(alias)
-                if paper is None or paper not in ref[key]:
-                    continue
+                # runs of models the paper did not probe are still shown, without reference numbers
+                known = paper is not None and paper in ref[key]
+                paper_vals = ref[key][paper] if known else [None] * len(ref[key]["columns"])
+                paper = paper if known else f"{alias} (not in the paper)"
                 ours = []
                 for c in ref[key]["columns"]:
                     if c not in cols:
@@ -84,20 +82,20 @@ def paper_tables(lk: Lake, models: dict[str, str]) -> list[dict[str, Any]]:
                     ours.append(_pct(*vals[-1]) if vals else None)
                 if any(v is not None for v in ours):
                     t["rows"].append({"run": run, "paper_row": paper, "ours": ours,
-                                      "paper": ref[key][paper],
+                                      "paper": paper_vals,
                                       "diff": [None if o is None or p is None else o - p
-                                               for o, p in zip(ours, ref[key][paper])]})
+                                               for o, p in zip(ours, paper_vals)]})
             if not t["rows"]:
-                t["missing"] = (f"missing: probe_results has no rows for {title.split(' — ')[1]} "
-                                f"of the paper's models; run `tokenlake probe …`")
+                t["missing"] = (f"missing: probe_results has no rows for {title.split(' — ')[1]}; "
+                                f"run `tokenlake probe …`")
             else:
                 t["missing"] = ""
         out.append(t)
     out.append(_dinov2_table(rows, why, models, ref, "table4_dinov2_linear_heads",
-                             "Table 4 — DINOv2 linear heads (top-1 %)", ("heads", "linear_head")))
+                             "Table 4 — DINOv2 linear heads (top-1 %)", ("heads",)))
     out.append(_dinov2_table(rows, why, models, ref, "table5_register_heads",
                              "Table 5 — linear heads on CLS / patch mean / registers (top-1 %)",
-                             ("registers", "register_head")))
+                             ("registers",)))
     return out
 
 

@@ -115,6 +115,11 @@ def run_demo(*, out: Path, n_images: int = 64) -> int:
         print(pl.from_arrow(db.sql(query_text("outlier_counts"))))
         _banner("Inputs that could not be used (sql: SELECT run, source_id, reason FROM errors)")
         print(pl.from_arrow(db.sql("SELECT run, source_id, reason FROM errors ORDER BY run")))
+        _banner("Probes trained on the cached tokens (sql: probe_results)")
+        print(pl.from_arrow(db.sql(
+            "SELECT run, probe, token_group, metric, round(value, 3) AS value FROM probe_results "
+            "WHERE metric IN ('top1', 'dist', 'l2') AND token_group IN ('normal', 'outlier') "
+            "ORDER BY run, probe, metric, token_group")))
     from tokenlake.analyze import report
 
     html = report(lake, out=out / "report")["html"]

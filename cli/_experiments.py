@@ -206,13 +206,14 @@ def execute(exp: Experiment, *, lake: Path, device: str | None, quiet: bool, log
             blocks=run.blocks == "all", device=device, quiet=quiet), log=log)
         log(f"run {manifest['run']}: {manifest['n_images']} images")
     for entry in exp.analyses:
-        _step("analyze", entry, lake=lake, quiet=quiet)
+        _step("analyze", entry, lake=lake, quiet=quiet, log=log)
     for entry in exp.probes:
-        _step("probe", entry, lake=lake, quiet=quiet, device=device)
+        _step("probe", entry, lake=lake, quiet=quiet, device=device, log=log)
     return 0
 
 
-def _step(command: str, entry: dict, *, lake: Path, quiet: bool, device: str | None = None) -> None:
+def _step(command: str, entry: dict, *, lake: Path, quiet: bool, device: str | None = None,
+          log=print) -> None:
     """An analysis or probe entry, run through the same command line a user would type."""
     from tokenlake.cli.main import main
 
@@ -222,6 +223,7 @@ def _step(command: str, entry: dict, *, lake: Path, quiet: bool, device: str | N
         argv += [f"--{key.replace('_', '-')}", str(value)]
     if command == "probe":
         argv += (["--device", device] if device else []) + (["--quiet"] if quiet else [])
+    log(f"$ tokenlake {' '.join(argv)}")
     try:
         code = main(argv)
     except SystemExit as stop:  # argparse refusing an option of the experiment file

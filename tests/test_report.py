@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tokenlake import analyze
@@ -74,10 +76,11 @@ def test_paper_tables_beside_reference(monkeypatch, built):
     from tokenlake.store import open_lake
 
     rows = [
-        {"run": "s", "probe": "position", "token_group": "normal", "metric": "top1", "value": 0.30},
-        {"run": "s", "probe": "position", "token_group": "outlier", "metric": "top1", "value": 0.20},
-        {"run": "s", "probe": "reconstruction", "token_group": "normal", "metric": "l2", "value": 400.0},
-        {"run": "g", "probe": "linear_head", "token_group": "cls", "metric": "top1", "value": 86.0},
+        # the names and units tokenlake.probes writes: accuracies in percent
+        {"run": "s", "probe": "position", "token_group": "normal", "metric": "top1", "value": 30.0},
+        {"run": "s", "probe": "position", "token_group": "outlier", "metric": "top1", "value": 20.0},
+        {"run": "s", "probe": "reconstruct", "token_group": "normal", "metric": "l2", "value": 400.0},
+        {"run": "g", "probe": "heads", "token_group": "image", "metric": "top1", "value": 86.0},
     ]
     monkeypatch.setattr(_probes, "probe_rows", lambda lk: (rows, ""))
     t = {x["key"]: x for x in _probes.paper_tables(open_lake(root), {"s": "dinov2_s", "g": "dinov2_g"})}
@@ -89,3 +92,22 @@ def test_paper_tables_beside_reference(monkeypatch, built):
     t4 = t["table4_dinov2_linear_heads"]["rows"][0]
     assert t4["paper_row"] == "Giant" and t4["ours"] == [86.0, None]
     assert _probes.reference()["table4_dinov2_linear_heads"]["Giant"] == [86.90, 87.29]
+
+
+def test_report_shows_real_probe_results_beside_the_paper(tmp_path):
+    """End to end: a probe writes probe_results, the report reads the very same numbers."""
+    from tokenlake.analyze import report
+    from tokenlake.probes import position
+    from tokenlake.probes._synthetic import planted_run
+    from tokenlake.store import open_lake
+
+    planted_run(tmp_path, "planted", n_images=60, grid=8, seed=0)
+    result = position(tmp_path, "planted", quiet=True, max_epochs=3, lrs=(0.01,))
+    top1 = result["metrics"]["normal"]["top1"]
+    stored = open_lake(tmp_path).sql(
+        "SELECT value FROM probe_results WHERE probe = 'position' AND token_group = 'normal' "
+        "AND metric = 'top1'").column(0)[0].as_py()
+    assert stored == pytest.approx(top1)
+    md = Path(report(tmp_path, out=tmp_path / "report")["md"]).read_text()
+    table1 = md.split("## Table 1")[1].split("## Table 2")[0]
+    assert "planted" in table1 and f"{top1:.3g}" in table1
