@@ -13,12 +13,9 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from tokenlake import store
 from tokenlake.extract import (
     ExtractRequest,
-    create_backbone,
     default_run_name,
     draw_subset,
     extract,
@@ -26,6 +23,7 @@ from tokenlake.extract import (
     resolve_model,
     resolve_weights,
 )
+from tokenlake.extract._models import meta_backbone
 
 # Bare bf16 forward throughput on one H200 (random weights, same FLOPs as pretrained), measured
 # 2026-11 (shared/DESIGN.md). Other models are scaled by parameters x tokens within their family.
@@ -116,11 +114,12 @@ def _family(alias: str) -> str:
 def _cost(alias: str, px: int) -> tuple[float, int, int, int]:
     """(params x tokens, tokens, embed dim, cell pixels) of a model at px, from a weightless copy."""
     spec = resolve_model(alias)
-    with torch.device("meta"):
-        model = create_backbone(spec, weights=resolve_weights("random"), img_size=px)
+    model = meta_backbone(spec, px)
     from tokenlake.extract import make_adapter
 
-    layout = make_adapter(model, img_size=px).layout
+    adapter = make_adapter(model, img_size=px)
+    adapter.close()  # the cached meta model must not keep hooks
+    layout = adapter.layout
     params = sum(t.numel() for t in model.parameters())
     return params * layout.n_tokens, layout.n_tokens, layout.embed_dim, layout.cell
 

@@ -12,7 +12,8 @@ import torch
 
 from tokenlake import store
 from tokenlake.extract._loop import open_writer, work
-from tokenlake.extract._models import Weights, create_backbone
+from tokenlake.extract._models import meta_backbone
+from tokenlake.extract._pixelstore import find_pixel_store
 from tokenlake.extract._plan import ExtractRequest, Plan, meta_layout, plan
 from tokenlake.extract._preprocess import data_config
 from tokenlake.extract._scale import run_parallel
@@ -43,10 +44,16 @@ def extract(request: ExtractRequest, *, log=print) -> dict:
     return store.open_lake(request.lake).manifest(p.run)
 
 
+def _pixel_source(p: Plan) -> str:
+    model = meta_backbone(p.spec, p.img_size)
+    found = find_pixel_store(p.request.lake, p.request.subset,
+                             data_config(model, img_size=p.img_size))
+    return f"pixel store {found.name}" if found else "decoded from the source images"
+
+
 def _manifest(p: Plan, started: float) -> dict:
     req = p.request
-    with torch.device("meta"):  # parameter count and data config, without building real weights
-        model = create_backbone(p.spec, weights=Weights(kind="random"), img_size=p.img_size)
+    model = meta_backbone(p.spec, p.img_size)  # parameter count and data config, no weights
     return {
         "run": p.run, "config": p.config, "model": p.spec.alias, "timm_name": p.spec.timm_name,
         "img_size": p.img_size, "subset": req.subset, "weights": p.weights.kind,
@@ -63,5 +70,6 @@ def _manifest(p: Plan, started: float) -> dict:
                      "tokenlake": version("tokenlake")},
         "device": str(p.device), "compute_dtype": p.config["compute_dtype"],
         "embedding_dtype": "float16", "workers": req.workers, "executor": req.executor,
+        "pixel_source": _pixel_source(p),
         "wall_time_s": round(time.time() - started, 3),  # of the invocation that committed
     }

@@ -52,6 +52,26 @@ class _DecodeDataset(Dataset):
         return item
 
 
+class _StoreDataset(Dataset):
+    """The same items from the lake's pixel store: no decoding, the pixels a decode would give."""
+
+    def __init__(self, *, lake: str, name: str, rows: list[InputRow]):
+        self.lake, self.name, self.rows = lake, name, rows
+        self._store = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        if self._store is None:
+            from tokenlake.store import PixelStore
+
+            self._store = PixelStore(self.lake, self.name)
+        row = self.rows[i]
+        pixels, width, height, reason = self._store.read(row.image_id)
+        return {"row": row, "pixels": pixels, "reason": reason, "width": width, "height": height}
+
+
 @dataclass
 class Batch:
     shard: int
@@ -112,8 +132,13 @@ def default_workers() -> int:
 
 
 def batches(*, data: str, split: str | None, rows: list[InputRow], cfg: DataConfig,
-            shard_size: int, batch_size: int, workers: int, pin: bool) -> DataLoader:
-    dataset = _DecodeDataset(data=data, split=split, rows=rows, cfg=cfg)
+            shard_size: int, batch_size: int, workers: int, pin: bool,
+            pixel_store: tuple[str, str] | None = None) -> DataLoader:
+    """Batches of decoded inputs; from the pixel store (lake, name) when one is given."""
+    if pixel_store is not None:
+        dataset = _StoreDataset(lake=pixel_store[0], name=pixel_store[1], rows=rows)
+    else:
+        dataset = _DecodeDataset(data=data, split=split, rows=rows, cfg=cfg)
     sampler = _ShardBatches([r.image_id // shard_size for r in rows], batch_size)
     return DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers,

@@ -6,6 +6,7 @@ Every alias pins the pretrained tag: several timm defaults are other checkpoints
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,3 +127,14 @@ def create_backbone(spec: ModelSpec, *, weights: Weights, img_size: int) -> torc
         # a wider window instead of unmasked zero padding at high resolution (MODELS.md)
         model.set_input_size((img_size, img_size))
     return model.eval()
+
+
+@functools.cache
+def meta_backbone(spec: ModelSpec, img_size: int) -> torch.nn.Module:
+    """A weightless copy on the meta device, for layout, parameter count and preprocessing recipe.
+
+    Cached: timm still runs its weight initialisers on meta tensors (~0.3 s for PVT-b2), and one
+    extraction asks several times.
+    """
+    with torch.device("meta"):
+        return create_backbone(spec, weights=Weights(kind="random"), img_size=img_size)
