@@ -24,6 +24,16 @@ HOLDS, FAILS, NODATA = "holds", "does not hold", "not enough data"
 CLAIM1_JACCARD = 0.5  # claim 1 holds for a run if overall Jaccard(top attn, top norm) >= 0.5
 CLAIM3_RATIO = 1.5  # claim 3 holds if P(low|outlier)/P(low|normal) > 1.5 and median cos higher
 DISAGREE = "Claim 1 — where attention and norm disagree"
+REGISTERS = "Registers — none vs trained vs test-time"
+REG_COLS = ["registers", "run", "k", "median", "max", "max_median_ratio", "outliers_own",
+            "above_base", "jaccard", "precision", "recall", "base_run", "mean_rel_l2", "max_rel_l2"]
+REG_CAPTION = ("Patch-token norms of the same images without registers, with trained registers "
+               "(dinov2_*_reg4) and with test-time registers (--test-time-registers RUN:K). "
+               "outliers_own: above the run's own 98th percentile (2 % by construction); above_base: "
+               "above the no-register run's threshold (comparable across runs); jaccard/precision/"
+               "recall: the artifacts job; mean_rel_l2/max_rel_l2: relative L2 change of the patch "
+               "tokens against base_run (same model without the extra token; with K = 0 the change "
+               "made through attention alone).")
 MIN_OUTLIERS = 3  # fewer outlier tokens in a run: not enough data
 
 
@@ -205,6 +215,17 @@ def report(lake: Any, *, out: str | Path | None = None, runs: list[str] | str | 
             results[key] = None
             missing.append(f"{key}: {type(err).__name__}: {err}")
             traceback.print_exc()
+    try:  # no / trained / test-time registers (analyze/_neurons.py)
+        from tokenlake.analyze._neurons import registers
+
+        art = results.get("artifacts")
+        results["registers"] = registers(lk, runs=[i.run for i in infos], out=figdir,
+                                         artifact_rows=art["runs"] if art else {})
+        missing += [f"registers: {m}" for m in results["registers"]["missing"]]
+    except Exception as err:  # noqa: BLE001 — reported as missing, like the jobs
+        results["registers"] = None
+        missing.append(f"registers: {type(err).__name__}: {err}")
+        traceback.print_exc()
     imap = {i.run: i for i in infos}
     if results.get("blocks"):
         for run, why in results["blocks"]["missing"].items():
@@ -325,6 +346,20 @@ class _Doc:
             else:
                 content = f'<p class="missing">{e(t["missing"])}</p>'
             section(t["key"], t["title"], content)
+        reg = self.results.get("registers")
+        if reg and (reg["rows"] or reg["missing"]):
+            content = ""
+            if reg["figure"]:
+                data = base64.b64encode(Path(reg["figure"]).read_bytes()).decode()
+                content += (f'<figure><img src="data:image/png;base64,{data}" alt="{e(REGISTERS)}">'
+                            f'<figcaption>{e(REG_CAPTION)}</figcaption></figure>')
+            for g in dict.fromkeys(r["group"] for r in reg["rows"]):
+                content += f"<h3>{e(g)}</h3>" + table(REG_COLS, [
+                    [_fmt(r[c]) for c in REG_COLS] for r in reg["rows"] if r["group"] == g])
+            if reg["missing"]:
+                content += '<p class="missing">Missing runs:</p><ul>' + "".join(
+                    f"<li>{e(m)}</li>" for m in reg["missing"]) + "</ul>"
+            section("registers", REGISTERS, content)
         section("provenance", "Provenance",
                 table(["run", "model", "timm name", "weights", "params", "px", "subset", "policy",
                        "images", "tokens", "versions"], self._provenance())
@@ -401,6 +436,18 @@ class _Doc:
                              for o, p, d in zip(r["ours"], r["paper"], r["diff"])] for r in t["rows"]]), ""]
             else:
                 L += [t["missing"], ""]
+        reg = self.results.get("registers")
+        if reg and (reg["rows"] or reg["missing"]):
+            L += [f"## {REGISTERS}", ""]
+            if reg["figure"]:
+                fig = Path(reg["figure"])
+                rel = fig.relative_to(self.out) if fig.is_relative_to(self.out) else fig
+                L += [f"![{REGISTERS}]({rel.as_posix()})", "", REG_CAPTION, ""]
+            for g in dict.fromkeys(r["group"] for r in reg["rows"]):
+                L += [f"### {g}", "", table([REG_COLS] + [[_fmt(r[c]) for c in REG_COLS]
+                                                          for r in reg["rows"] if r["group"] == g]), ""]
+            if reg["missing"]:
+                L += ["Missing runs:", ""] + [f"- {m}" for m in reg["missing"]] + [""]
         L += ["## Provenance", "", table([["run", "model", "timm name", "weights", "params", "px",
                                            "subset", "policy", "images", "tokens", "versions"]]
                                          + self._provenance()), "",

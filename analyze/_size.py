@@ -54,9 +54,10 @@ def _draw(infos, rows: list[dict], path: Path) -> None:
         fig, axes = _plot.plt.subplots(1, len(MEASURES), figsize=(5.0 * len(MEASURES), 4.0), squeeze=False)
         for ax, (col, label, yscale) in zip(axes[0], MEASURES):
             for k, f in enumerate(fams):
-                pts = sorted((r["params"], r[col], r) for r in rows
-                             if r["family"] == f and r["params"] and r[col] is not None
-                             and np.isfinite(r[col]))
+                # sort on (params, value) only: ties must never compare the row dicts
+                pts = sorted(((r["params"], r[col], r) for r in rows
+                              if r["family"] == f and r["params"] and r[col] is not None
+                              and np.isfinite(r[col])), key=lambda t: t[:2])
                 if not pts:
                     continue
                 x = [p[0] / 1e6 for p in pts]

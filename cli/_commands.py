@@ -70,6 +70,7 @@ def extract(args: argparse.Namespace) -> int:
         blocks=args.blocks == "all", batch_size=args.batch_size, shard_size=args.shard_size,
         device=args.device, decode_workers=args.decode_workers, workers=args.workers,
         executor=args.executor, slurm=_slurm_options(args), quiet=args.quiet,
+        record_mlp=args.record_mlp, test_time_registers=args.test_time_registers,
     )
     manifest = run_extraction(request, log=lambda text: _say(args, text))
     totals = manifest
@@ -77,6 +78,32 @@ def extract(args: argparse.Namespace) -> int:
     print(f"run {manifest['run']}{banner}: {totals.get('n_images', '?')} images, "
           f"{totals.get('n_errors', 0)} errors, {totals.get('n_rejected', 0)} rejected, "
           f"{totals.get('n_tokens', '?')} tokens in {manifest['wall_time_s']:.1f} s")
+    return 0
+
+
+def pixels(args: argparse.Namespace) -> int:
+    from tokenlake.extract import resolve_model
+    from tokenlake.extract._models import meta_backbone
+    from tokenlake.extract._pixelstore import build_pixel_store
+    from tokenlake.extract._preprocess import data_config
+
+    spec = resolve_model(args.model)
+    px = args.img_size or spec.img_size
+    model = meta_backbone(spec, px)  # only the model's preprocessing recipe is needed
+    built = build_pixel_store(str(args.lake), args.subset, data_config(model, img_size=px),
+                              shard_size=args.shard_size, workers=args.workers, quiet=args.quiet)
+    print(f"pixel store {built.name}: complete ({built.dir}); every extraction of subset "
+          f"{args.subset} with this recipe now reads it")
+    return 0
+
+
+def neurons(args: argparse.Namespace) -> int:
+    from tokenlake.analyze._neurons import rank_neurons
+
+    res = rank_neurons(args.lake, args.run, top=args.top, percentile=args.percentile, out=args.out)
+    print(f"neurons of run {args.run}: {res['n_outlier']} outlier / {res['n_normal']} normal patch "
+          f"tokens -> {res['path']} (figure {res['figure']})")
+    _print_table(res["table"].slice(0, args.top), max_rows=args.top)
     return 0
 
 

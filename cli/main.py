@@ -75,8 +75,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm-time", type=int, default=240, help="time limit per task, minutes")
     p.add_argument("--slurm-array-parallelism", type=int, default=None,
                    help="SLURM tasks running at once (default: all)")
+    p.add_argument("--record-mlp", action="store_true",
+                   help="ViTs: also store every block's MLP hidden activation at every patch token "
+                        "(fp16 array mlp_acts, L x H x patches per image: tiny subsets only)")
+    p.add_argument("--test-time-registers", default=None, metavar="RUN:K",
+                   help="ViTs: add one zero token (kind ttreg) and move RUN's top-K register "
+                        "neurons' activations onto it (see `tokenlake neurons`); K=0 adds the token only")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_commands.extract)
+
+    p = sub.add_parser("neurons", help="rank MLP neurons of a --record-mlp run by how much their "
+                                       "activation concentrates on its outlier tokens")
+    _lake(p)
+    p.add_argument("--run", required=True, help="a run extracted with --record-mlp")
+    p.add_argument("--top", type=int, default=10, help="neurons printed and labelled in the figure")
+    p.add_argument("--percentile", type=float, default=0.98,
+                   help="outliers: patch norm above this quantile of the threshold run's patch norms")
+    p.add_argument("--out", type=Path, default=None, help="figure folder (default LAKE/analysis)")
+    p.set_defaults(func=_commands.neurons)
+
+    p = sub.add_parser("pixels", help="decode a subset once into the lake's pixel store, which "
+                                      "every model with the same input recipe then reads")
+    _lake(p)
+    p.add_argument("--subset", required=True)
+    p.add_argument("--model", required=True, help="whose resize recipe (size, crop, interpolation)")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    p.add_argument("--shard-size", type=int, default=256, help="images per pixel-store shard")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_commands.pixels)
 
     p = sub.add_parser("sql", help="ask a read-only SQL question of the lake (DuckDB)")
     _lake(p)

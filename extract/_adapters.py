@@ -10,6 +10,7 @@ An adapter installs forward hooks once and returns, per batch, a dict of device 
     cls_post    [B, D]      CLS after the final norm (Swin/PVT: average-pooled final-norm token)
     patch_mean_post [B, D]  mean of patch tokens after the final norm
     registers_post [B, R, D] (ViT with registers only)
+    mlp_acts    [B, L, H, Np] (ViT, record_mlp=True) fp16 MLP hidden activation at patch tokens
     block_norm  [B, L, T]   (blocks=True) output norm of every block
     qkv_norm    [B, 3, T]   (blocks=True) q, k, v norms of the last block
 
@@ -35,10 +36,12 @@ class TokenLayout:
     pixel_offset: int  # top-left pixel of token (0, 0)'s cell; PVT's tokens sit half a cell up-left
     embed_dim: int
     depth: int  # blocks recorded by --blocks all
+    n_ttreg: int = 0  # test-time register (kind 'ttreg'), after cls and trained registers
+    mlp_hidden: int = 0  # MLP hidden neurons per block when recorded (--record-mlp), else 0
 
     @property
     def n_prefix(self) -> int:
-        return self.n_cls + self.n_reg
+        return self.n_cls + self.n_reg + self.n_ttreg
 
     @property
     def n_patches(self) -> int:
@@ -118,16 +121,28 @@ class Adapter:
 
 
 class ViTAdapter(Adapter):
-    def __init__(self, model, *, img_size: int, blocks: bool) -> None:
+    def __init__(self, model, *, img_size: int, blocks: bool, record_mlp: bool = False,
+                 ttreg: list[tuple[int, int]] | None = None) -> None:
+        """record_mlp: also return ``mlp_acts``. ttreg: None = no test-time register (the model is
+        untouched); a list of (block, neuron) = insert one (extra/_ttreg.py) moving those neurons."""
         super().__init__(model, img_size=img_size, blocks=blocks)
         if not hasattr(model.blocks[-1].attn, "qkv"):
             raise ValueError(f"{type(model.blocks[-1].attn).__name__} has no fused qkv projection")
         patch = model.patch_embed.patch_size[0]
         gh, gw = model.patch_embed.grid_size
         n_cls = 1 if model.cls_token is not None else 0
+        n_reg = model.num_prefix_tokens - n_cls
+        self.record_mlp = record_mlp
+        self.ttreg = None
+        if ttreg is not None:
+            from tokenlake.extract._ttreg import TTRegister
+
+            self.ttreg = TTRegister(model, ttreg)  # before our hooks: they see its edits
         self.layout = TokenLayout(
-            family="vit", n_cls=n_cls, n_reg=model.num_prefix_tokens - n_cls, grid=(gh, gw),
+            family="vit", n_cls=n_cls, n_reg=n_reg, grid=(gh, gw),
             cell=patch, pixel_offset=0, embed_dim=model.embed_dim, depth=len(model.blocks),
+            n_ttreg=0 if ttreg is None else 1,
+            mlp_hidden=int(model.blocks[0].mlp.fc2.in_features) if record_mlp else 0,
         )
         self.hooks.input(model.norm, "pre")
         self.hooks.output(model.patch_embed, "embed")
@@ -135,6 +150,14 @@ class ViTAdapter(Adapter):
         if blocks:
             for i, block in enumerate(model.blocks):
                 self.hooks.output(block, f"block{i}")
+        if record_mlp:
+            for i, block in enumerate(model.blocks):
+                self.hooks.input(block.mlp.fc2, f"mlp{i}")
+
+    def close(self) -> None:
+        super().close()
+        if self.ttreg is not None:
+            self.ttreg.close()
 
     def _q_k_v(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attn = self.model.blocks[-1].attn
@@ -166,7 +189,10 @@ class ViTAdapter(Adapter):
             "patch_mean_post": patches_post.float().mean(1),
         }
         if lay.n_reg:
-            out["registers_post"] = post[:, lay.n_cls:lay.n_prefix].float()
+            out["registers_post"] = post[:, lay.n_cls:lay.n_cls + lay.n_reg].float()
+        if self.record_mlp:  # [B, L, H, Np]: what each block's fc2 received at the patch tokens
+            acts = [self.hooks.pop(f"mlp{i}")[:, lay.n_prefix:] for i in range(lay.depth)]
+            out["mlp_acts"] = torch.stack(acts, 1).transpose(2, 3).to(torch.float16)
         if self.blocks:
             norms = [self.hooks.pop(f"block{i}").float().norm(dim=-1) for i in range(lay.depth)]
             out["block_norm"] = torch.stack(norms, 1)  # [B, L, T]
@@ -272,10 +298,14 @@ class PVTAdapter(Adapter):
         }
 
 
-def make_adapter(model: torch.nn.Module, *, img_size: int, blocks: bool = False) -> Adapter:
+def make_adapter(model: torch.nn.Module, *, img_size: int, blocks: bool = False,
+                 record_mlp: bool = False, ttreg: list[tuple[int, int]] | None = None) -> Adapter:
     name = type(model).__name__
     if name == "VisionTransformer":
-        return ViTAdapter(model, img_size=img_size, blocks=blocks)
+        return ViTAdapter(model, img_size=img_size, blocks=blocks, record_mlp=record_mlp,
+                          ttreg=ttreg)
+    if record_mlp or ttreg is not None:
+        raise ValueError("--record-mlp and --test-time-registers are implemented for ViTs only")
     if name == "SwinTransformerV2":
         return SwinAdapter(model, img_size=img_size, blocks=blocks)
     if name == "PyramidVisionTransformerV2":

@@ -18,7 +18,8 @@ from tokenlake import store
 from tokenlake.extract._adapters import Adapter, make_adapter
 from tokenlake.extract._loader import Batch, InputRow, batches, default_workers
 from tokenlake.extract._models import create_backbone
-from tokenlake.extract._plan import Plan, array_specs, meta_layout
+from tokenlake.extract._pixelstore import find_pixel_store
+from tokenlake.extract._plan import Plan, adapter_options, array_specs, meta_layout
 from tokenlake.extract._policy import TokenPolicy
 from tokenlake.extract._preprocess import data_config, normalise, token_cells
 from tokenlake.extract._shardbuf import ImageResult, ShardBuffer
@@ -43,7 +44,7 @@ def work(p: Plan, shards: list[int] | None = None, *, log=print) -> dict:
     if not rows or (req.keep_if_outlier and kept >= req.n):
         return {"last_shard": max(done, default=-1)}
     model = create_backbone(p.spec, weights=p.weights, img_size=p.img_size).to(p.device)
-    adapter = make_adapter(model, img_size=p.img_size, blocks=req.blocks)
+    adapter = make_adapter(model, img_size=p.img_size, blocks=req.blocks, **adapter_options(p))
     policy = TokenPolicy(req.policy, threshold=p.threshold,
                          normals_per_image=req.normals_per_image, seed=req.seed)
     try:
@@ -89,8 +90,8 @@ class _Extractor:
                 row=batch.rows[i], width=batch.sizes[i][0], height=batch.sizes[i][1],
                 norm=host["norm"][i], attn=host["attn"][i], nbr_cos=host["nbr_cos"][i],
                 stored=tokens, embeddings=emb[start:start + n], cells=cell,
-                per_image={k: host[k][i] for k in ("cls_post", "patch_mean_post", "registers_post")
-                           if k in host},
+                per_image={k: host[k][i] for k in ("cls_post", "patch_mean_post", "registers_post",
+                                                   "mlp_acts") if k in host},
                 block_norm=host["block_norm"][i] if "block_norm" in host else None,
                 qkv_norm=host["qkv_norm"][i] if "qkv_norm" in host else None,
             ))
@@ -142,6 +143,12 @@ class _ShardWriterThread:
             raise self.error
 
 
+def _pixel_store(p: Plan, cfg) -> tuple[str, str] | None:
+    """Read the subset's decoded pixels from the lake when a matching pixel store was built."""
+    found = find_pixel_store(p.request.lake, p.request.subset, cfg)
+    return (p.request.lake, found.name) if found else None
+
+
 def _kept_in(lake: store.Lake, run: str, shards: set[int]) -> int:
     markers = lake.markers(run)
     return sum(markers[s]["n_images"] for s in shards)
@@ -158,7 +165,7 @@ def _run_shards(p: Plan, rows: list[InputRow], adapter, policy, cfg, writer, kep
                      shard_size=req.shard_size, batch_size=req.batch_size,
                      workers=req.decode_workers if req.decode_workers is not None
                      else default_workers(),
-                     pin=p.device.type == "cuda")
+                     pin=p.device.type == "cuda", pixel_store=_pixel_store(p, cfg))
     bar = tqdm(total=len(rows), unit="img", disable=req.quiet, desc=p.run, smoothing=0.1)
     buffer: ShardBuffer | None = None
     try:

@@ -14,7 +14,7 @@ from tokenlake.extract._models import (
     ModelRequestError,
     ModelSpec,
     Weights,
-    create_backbone,
+    meta_backbone,
     resolve_model,
     resolve_weights,
 )
@@ -44,6 +44,8 @@ class ExtractRequest:
     slurm: dict = field(default_factory=dict)  # partition, gpus, time_min, array_parallelism
     quiet: bool = False
     seed: int = 0
+    record_mlp: bool = False  # ViTs: MLP hidden activations at patch tokens (tiny subsets only)
+    test_time_registers: str | None = None  # "RUN:K": move RUN's top-K register neurons
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Plan:
     threshold: float | None
     device: torch.device
     config: dict = field(default_factory=dict)
+    ttreg: list[tuple[int, int]] | None = None  # (block, neuron) moved to the test-time register
 
     @property
     def n_shards(self) -> int:
@@ -139,7 +142,58 @@ def plan(request: ExtractRequest) -> Plan:
         "shard_size": request.shard_size, "seed": request.seed,
         "compute_dtype": "bfloat16" if device.type == "cuda" else "float32",
     }
-    return Plan(request, spec, weights, img_size, run, rows, subset_meta, threshold, device, config)
+    ttreg = None
+    if (request.record_mlp or request.test_time_registers is not None) and (
+            spec.timm_name.startswith(("swin", "pvt"))):
+        raise ValueError("--record-mlp and --test-time-registers are implemented for ViTs only")
+    if request.record_mlp:  # config keys only when set: runs without the options are unchanged
+        config["record_mlp"] = {"array": "mlp_acts", "hook": "blocks[b].mlp.fc2 input",
+                                "dtype": "float16", "tokens": "patch"}
+    if request.test_time_registers is not None:
+        ttreg, config["test_time_registers"] = _ttreg_neurons(lake, request, spec, weights)
+    return Plan(request, spec, weights, img_size, run, rows, subset_meta, threshold, device, config,
+                ttreg)
+
+
+def _ttreg_neurons(lake: store.Lake, request: ExtractRequest, spec: ModelSpec,
+                   weights: Weights) -> tuple[list[tuple[int, int]], dict]:
+    """The top-K (block, neuron) of the source run's ranking, checked against this model."""
+    from tokenlake.extract._ttreg import parse_ttreg
+
+    source, k = parse_ttreg(request.test_time_registers)
+    neurons: list[tuple[int, int]] = []
+    scores: list[float] = []
+    if k:
+        man = lake.manifest(source)  # UnknownRun if it is not a complete run
+        if (man.get("timm_name"), man.get("weights_sha256")) != (spec.timm_name, weights.sha256) or (
+                bool(man.get("random_weights")) != weights.is_random):
+            raise ValueError(f"--test-time-registers {source}:{k}: that run used "
+                             f"{man.get('timm_name')} with other weights; neurons are only "
+                             "meaningful for the very same network")
+        found = store.read_neurons(request.lake, source)
+        if found is None:
+            raise ValueError(f"run {source!r} has no neuron ranking: run `tokenlake neurons --lake "
+                             f"{request.lake} --run {source}` first (on a --record-mlp run)")
+        table = found[0]
+        if table.num_rows < k:
+            raise ValueError(f"run {source!r} ranks {table.num_rows} neurons, fewer than K = {k}")
+        top = table.slice(0, k)
+        neurons = list(zip(top.column("block").to_pylist(), top.column("neuron").to_pylist()))
+        scores = top.column("score").to_pylist()
+    config = {"source_run": source, "k": k, "neurons": [list(n) for n in neurons],
+              "scores": scores, "token": "ttreg", "init": "zeros, no position embedding",
+              "move": "ttreg act = max over patch tokens; patch acts = 0 (blocks[b].mlp.fc2 input)"}
+    return neurons, config
+
+
+def adapter_options(plan_: Plan) -> dict:
+    """make_adapter's keyword options for this plan (none for a plain run)."""
+    opts: dict = {}
+    if plan_.request.record_mlp:
+        opts["record_mlp"] = True
+    if plan_.ttreg is not None:
+        opts["ttreg"] = plan_.ttreg
+    return opts
 
 
 def reference_threshold(lake: store.Lake, run: str, percentile: float = 0.98) -> float:
@@ -163,14 +217,17 @@ def array_specs(layout: TokenLayout) -> dict[str, store.ArraySpec]:
     if layout.n_reg:
         specs["registers_post"] = store.ArraySpec(shape=(layout.n_reg, d), dtype="float32",
                                                   kind="image")
+    if layout.mlp_hidden:  # --record-mlp
+        specs["mlp_acts"] = store.ArraySpec(shape=(layout.depth, layout.mlp_hidden, layout.n_patches),
+                                            dtype="float16", kind="image")
     return specs
 
 
 def meta_layout(plan_: Plan) -> TokenLayout:
     """The token layout from a weightless model on the meta device (instant even for ViT-G)."""
-    with torch.device("meta"):
-        model = create_backbone(plan_.spec, weights=Weights(kind="random"), img_size=plan_.img_size)
-    adapter = make_adapter(model, img_size=plan_.img_size, blocks=plan_.request.blocks)
+    model = meta_backbone(plan_.spec, plan_.img_size)  # the adapter's close() restores it
+    adapter = make_adapter(model, img_size=plan_.img_size, blocks=plan_.request.blocks,
+                           **adapter_options(plan_))
     adapter.close()
     return adapter.layout
 

@@ -22,7 +22,8 @@ class ImageResult:
     stored: np.ndarray  # [k] token indices with an embedding slot
     embeddings: np.ndarray  # [k, D] fp16
     cells: np.ndarray  # [k, P, P, 3] uint8 (zeros for prefix tokens)
-    per_image: dict[str, np.ndarray]  # cls_post [D], patch_mean_post [D], registers_post [R, D]
+    per_image: dict[str, np.ndarray]  # cls_post [D], patch_mean_post [D], registers_post [R, D],
+    # mlp_acts [L, H, Np] (--record-mlp; stored as float16)
     block_norm: np.ndarray | None = None  # [L, T]
     qkv_norm: np.ndarray | None = None  # [3, T]
 
@@ -45,7 +46,8 @@ class ShardBuffer:
 
     def _kinds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         lay = self.layout
-        kind = np.array(["cls"] * lay.n_cls + ["reg"] * lay.n_reg + ["patch"] * lay.n_patches)
+        kind = np.array(["cls"] * lay.n_cls + ["reg"] * lay.n_reg + ["ttreg"] * lay.n_ttreg
+                        + ["patch"] * lay.n_patches)
         rows = np.arange(lay.n_patches) // lay.grid[1]
         cols = np.arange(lay.n_patches) % lay.grid[1]
         return kind, rows, cols
@@ -134,6 +136,7 @@ class ShardBuffer:
             out["tokens"] = np.zeros((0, lay.embed_dim), np.float16)
             out["pixels"] = np.zeros((0, lay.cell, lay.cell, 3), np.uint8)
         for name, shape in image_arrays.items():  # aligned with the rows of `images`
-            out[name] = (np.stack([r.per_image[name] for r in self.images]).astype(np.float32)
-                         if self.images else np.zeros((0, *shape), np.float32))
+            dtype = np.float16 if name == "mlp_acts" else np.float32
+            out[name] = (np.stack([r.per_image[name] for r in self.images]).astype(dtype)
+                         if self.images else np.zeros((0, *shape), dtype))
         return out

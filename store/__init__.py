@@ -10,6 +10,8 @@ from tokenlake.store._errors import (
 )
 from tokenlake.store._lake import Lake, open_lake
 from tokenlake.store._layout import ArraySpec, RunLayout
+from tokenlake.store._neurons import read_neurons, write_neurons
+from tokenlake.store._pixels import PixelStore, pixel_store_name
 from tokenlake.store._probes import (
     probe_config_hash,
     probe_result_dir,
@@ -29,6 +31,7 @@ __all__ = [
     "ContractError",
     "Lake",
     "LakeError",
+    "PixelStore",
     "ReadOnlyQuery",
     "RunConfigMismatch",
     "RunExists",
@@ -36,13 +39,16 @@ __all__ = [
     "RunWriter",
     "UnknownRun",
     "open_lake",
+    "pixel_store_name",
     "probe_config_hash",
     "probe_result_dir",
+    "read_neurons",
     "read_probe_result",
     "read_subset",
     "shard_name",
     "subset_checksum",
     "table_checksum",
+    "write_neurons",
     "write_probe_result",
     "write_run",
     "write_subset",

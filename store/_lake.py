@@ -16,7 +16,7 @@ from tokenlake.store import _sqlviews
 from tokenlake.store._errors import LakeError, UnknownRun
 from tokenlake.store._io import read_json
 from tokenlake.store._layout import ChunkFiles, RunLayout
-from tokenlake.store._schema import SCHEMA_VERSION
+from tokenlake.store._schema import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION
 from tokenlake.store._validate import validate_run
 
 _MAX_MAPS = 512  # each np.memmap holds a file descriptor; bound them
@@ -25,9 +25,10 @@ _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 def _check_version(meta: dict[str, Any], where: Path) -> dict[str, Any]:
     v = meta.get("schema_version")
-    if v != SCHEMA_VERSION:
+    if v not in READABLE_SCHEMA_VERSIONS:
         raise LakeError(
-            f"{where}: schema_version {v!r}, this tokenlake reads version {SCHEMA_VERSION} only"
+            f"{where}: schema_version {v!r}, this tokenlake reads versions "
+            f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))} (writes {SCHEMA_VERSION})"
         )
     return meta
 

@@ -9,8 +9,9 @@ import pyarrow.compute as pc
 
 from tokenlake.store._errors import ContractError
 
-SCHEMA_VERSION = 1
-TOKEN_KINDS = ("cls", "reg", "patch")
+SCHEMA_VERSION = 2  # 2: token kind 'ttreg' (test-time register); a v1 lake reads unchanged
+READABLE_SCHEMA_VERSIONS = (1, 2)
+TOKEN_KINDS = ("cls", "reg", "ttreg", "patch")
 
 
 def _schema(*fields: tuple[str, pa.DataType, bool]) -> pa.Schema:
@@ -154,8 +155,9 @@ def check_token_kinds(tokens: pa.Table) -> None:
         valid = pc.is_valid(tokens.column(c))
         if pc.any(pc.not_equal(valid, is_patch)).as_py():  # any() of no rows is False, all() is null
             raise ContractError(
-                f"tokens.{c}: must be set for 'patch' tokens and NULL for 'cls'/'reg' tokens"
+                f"tokens.{c}: must be set for 'patch' tokens and NULL for prefix tokens "
+                f"('cls'/'reg'/'ttreg')"
             )
     prefix_cos = pc.and_(pc.invert(is_patch), pc.is_valid(tokens.column("nbr_cos")))
     if pc.any(prefix_cos).as_py():
-        raise ContractError("tokens.nbr_cos: must be NULL for 'cls'/'reg' tokens")
+        raise ContractError("tokens.nbr_cos: must be NULL for prefix tokens ('cls'/'reg'/'ttreg')")

@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from tokenlake import sql as sqlpkg
 from tokenlake.store._errors import ReadOnlyQuery
+from tokenlake.store._neurons import neurons_view
 from tokenlake.store._probes import probe_results_view
 from tokenlake.store._schema import TABLE_SCHEMAS
 
@@ -100,6 +101,7 @@ def connect(lake: Path, manifests: dict[str, dict[str, Any]]) -> duckdb.DuckDBPy
     for table in RUN_TABLES:
         con.execute(_table_view(table, lake, manifests))
     con.execute(probe_results_view(lake))
+    con.execute(neurons_view(lake))
     for name in sqlpkg.view_names():
         con.execute(sqlpkg.view_text(name))
     # Order matters: allowed_directories must be set while external access is still enabled.

@@ -200,3 +200,13 @@ def test_runs_and_percentile_parameters(planted, tmp_path):
 
     with pytest.raises(UnknownRun):
         analyze.norms(lk, runs="nope", out=tmp_path)
+
+
+def test_size_survives_two_runs_with_equal_params_and_values(tmp_path):
+    """Two runs of one model on the same data tie on (params, value): the plot must not crash."""
+    from tokenlake.analyze.testing import planted_run
+
+    for name in ("twin_a", "twin_b"):
+        write_run(tmp_path / "lake", name, shard_size=4, **planted_run())
+    res = analyze.size(open_lake(tmp_path / "lake"), out=tmp_path / "out")
+    assert len(res["rows"]) == 2 and (tmp_path / "out" / "size.png").exists()
