@@ -162,9 +162,12 @@ def _kind(info: RunInfo) -> str:
 
 
 def _group_key(info: RunInfo) -> tuple:
+    """Runs compared side by side: same images (keep-if-outlier selects other ones), model size,
+    resolution and weights."""
     m = info.manifest
     return (info.subset, info.model.removesuffix("_reg4"), info.img_size,
-            bool(info.random_weights), m.get("weights_sha256"))
+            bool(info.random_weights), m.get("weights_sha256"),
+            bool(_cfg(m, "keep_if_outlier")))
 
 
 def patch_change(lk: store.Lake, run: str, base: str) -> dict[str, Any]:
@@ -219,7 +222,7 @@ def registers(lake: Any, *, runs: list[str] | str | None = None, out: str | Path
     for key, members in sorted(groups.items(), key=lambda kv: str(kv[0])):
         subset, model, px = key[0], key[1], key[2]
         by = {k: [i for i in members if _kind(i) == k] for k in ("none", "trained", "test-time")}
-        label = f"{model} @{px}px on {subset}"
+        label = f"{model} @{px}px on {subset}" + (", keep-if-outlier images" if key[5] else "")
         for k, want in (("none", model), ("trained", model + "_reg4"),
                         ("test-time", f"{model} or {model}_reg4 with --test-time-registers")):
             if not by[k]:
@@ -242,6 +245,8 @@ def registers(lake: Any, *, runs: list[str] | str | None = None, out: str | Path
                           "max_rel_l2": None}
                 if k == "test-time":
                     bases = [j for j in members if _kind(j) != "test-time" and j.model == i.model]
+                    # the change needs stored patch embeddings: prefer a run that keeps them all
+                    bases.sort(key=lambda j: j.manifest.get("policy") != "all")
                     if bases:
                         change = {"base_run": bases[0].run,
                                   **patch_change(lk, i.run, bases[0].run)}

@@ -73,7 +73,7 @@ def _extract(alias: str, px: int, lake: Path, batch: int) -> float:
 
 
 def _store_rows(alias: str, px: int, folder: Path, lake: Path, n: int, batch: int,
-                bare: float) -> list[dict]:
+                bare: float, store_folder: Path) -> list[dict]:
     import os
 
     from tokenlake.extract._pixelstore import build_pixel_store, decode_capacity
@@ -81,17 +81,21 @@ def _store_rows(alias: str, px: int, folder: Path, lake: Path, n: int, batch: in
     workers = os.cpu_count() or 1
     model = create_backbone(resolve_model(alias), weights=resolve_weights("random"), img_size=px)
     cfg = data_config(model, img_size=px)
-    capacity = decode_capacity(sorted(str(p) for p in folder.iterdir()), cfg, workers=workers)
+    # the build is measured on a larger set, so start-up costs weigh as they would at scale
+    paths = sorted(str(p) for p in store_folder.iterdir())
+    capacity = decode_capacity(paths, cfg, workers=workers)
+    build_lake = lake.with_name(f"{lake.name}-build-{alias}")  # a fresh store: built for real
+    write_subset(build_lake, "bench", draw_subset(open_source(str(store_folder)), n=None))
     start = time.perf_counter()
-    lake = lake.with_name(f"{lake.name}-{alias}")  # a fresh store per model: build it for real
-    write_subset(lake, "bench", draw_subset(open_source(str(folder)), n=None))
+    build_pixel_store(str(build_lake), "bench", cfg, shard_size=32, workers=workers, quiet=True)
+    built = len(paths) / (time.perf_counter() - start)
     build_pixel_store(str(lake), "bench", cfg, shard_size=32, workers=workers, quiet=True)
-    built = n / (time.perf_counter() - start)
     fed = _extract(alias, px, lake, batch)
     return [
         {"name": f"pixel store build / decode capacity ({workers} cores), {px} px", "value":
          built / capacity, "unit": "x", "target": ">= 0.9", "ok": built / capacity >= 0.9,
-         "note": f"build {built:.0f} img/s, capacity {capacity:.0f} img/s (includes pool start)"},
+         "note": f"{len(paths)} images: build {built:.0f} img/s (pool start, writing and "
+                 f"hashing included), decode+resize capacity {capacity:.0f} img/s"},
         {"name": f"cpu extraction from the pixel store / bare forward, {alias}@{px}", "value":
          fed / bare, "unit": "x", "target": "<= 1.15", "ok": fed / bare <= 1.15,
          "note": f"extraction {fed:.1f} s, bare {bare:.1f} s"},
@@ -101,6 +105,7 @@ def _store_rows(alias: str, px: int, folder: Path, lake: Path, n: int, batch: in
 def run(*, out: Path, quick: bool) -> list[dict]:
     n, batch = (16, 8) if quick else (160, 32)
     folder = _images(out, n)
+    store_folder = _images(out / "store", 64 if quick else 500)
     lake = out / "lake"
     write_subset(lake, "bench", draw_subset(open_source(str(folder)), n=None))
     torch.set_num_threads(torch.get_num_threads())
@@ -113,5 +118,5 @@ def run(*, out: Path, quick: bool) -> list[dict]:
                      "value": ratio, "unit": "x", "target": "<= 1.15", "ok": ratio <= 1.15,
                      "note": f"bare {bare:.1f} s ({n / bare:.1f} img/s), extraction {full:.1f} s "
                              f"({n / full:.1f} img/s), random weights"})
-        rows += _store_rows(alias, px, folder, lake, n, batch, bare)
+        rows += _store_rows(alias, px, folder, lake, n, batch, bare, store_folder)
     return rows
