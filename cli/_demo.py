@@ -93,7 +93,8 @@ def run_demo(*, out: Path, n_images: int = 64) -> int:
         raise FileNotFoundError(f"{DEMO_FILE} is missing: run the demo from a tokenlake checkout")
     exp = _experiments.load(DEMO_FILE)
     images = build_demo_images(out / "images", n_images=n_images)
-    exp.subsets["demo"]["data"] = str(images)
+    for spec in exp.subsets.values():  # every demo subset draws from the folder just built
+        spec["data"] = str(images)
     _banner(
         "tokenlake demo - RANDOM WEIGHTS.\n"
         "The backbones here are randomly initialised (no weights can be downloaded on this\n"

@@ -50,6 +50,8 @@ class RunSpec:
     blocks: str = "none"
     normals_per_image: int = 4
     weights: str = "pretrained"
+    record_mlp: bool = False  # then `tokenlake neurons` ranks this run's MLP neurons
+    test_time_registers: str | None = None  # "RUN:K", RUN a record_mlp run of this file
 
     def name(self) -> str:
         spec = resolve_model(self.model)
@@ -96,8 +98,9 @@ def _ordered(runs: list[RunSpec]) -> list[RunSpec]:
             return
         if name in stack:
             raise ValueError(f"outlier_ref cycle: {' -> '.join(stack + (name,))}")
-        if run.outlier_ref in by_name:
-            visit(by_name[run.outlier_ref], stack + (name,))
+        for ref in (run.outlier_ref, (run.test_time_registers or "").rpartition(":")[0]):
+            if ref in by_name:
+                visit(by_name[ref], stack + (name,))
         seen.add(name)
         done.append(run)
 
@@ -202,8 +205,11 @@ def execute(exp: Experiment, *, lake: Path, device: str | None, quiet: bool, log
             lake=str(lake), model=run.model, subset=run.subset, policy=run.policy,
             weights=run.weights, img_size=run.img_size, run=run.name(), outlier_ref=run.outlier_ref,
             normals_per_image=run.normals_per_image, keep_if_outlier=run.keep_if_outlier, n=run.n,
-            blocks=run.blocks == "all", device=device, quiet=quiet), log=log)
+            blocks=run.blocks == "all", record_mlp=run.record_mlp,
+            test_time_registers=run.test_time_registers, device=device, quiet=quiet), log=log)
         log(f"run {manifest['run']}: {manifest['n_images']} images")
+        if run.record_mlp:  # rank its neurons now: a test-time-registers run may need them next
+            _step("neurons", {"run": manifest["run"]}, lake=lake, quiet=quiet, log=log)
     for entry in exp.analyses:
         _step("analyze", entry, lake=lake, quiet=quiet, log=log)
     for entry in exp.probes:
@@ -217,7 +223,7 @@ def _step(command: str, entry: dict, *, lake: Path, quiet: bool, device: str | N
     from tokenlake.cli.main import main
 
     entry = dict(entry)
-    argv = [command, entry.pop("name"), "--lake", str(lake)]
+    argv = [command, *([entry.pop("name")] if "name" in entry else []), "--lake", str(lake)]
     for key, value in entry.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     if command == "probe":

@@ -19,6 +19,8 @@ def test_reference_runs_come_before_the_runs_that_need_them():
     for i, run in enumerate(exp.runs):
         if run.outlier_ref:
             assert run.outlier_ref in names[:i], run.name()
+        if run.test_time_registers:  # the run whose neurons it moves comes first
+            assert run.test_time_registers.rpartition(":")[0] in names[:i], run.name()
 
 
 def test_the_whole_paper_fits_three_gpu_hours(capsys):
