@@ -8,6 +8,7 @@ JPEG to show that bad input lands in the ``errors`` table instead of stopping th
 from __future__ import annotations
 
 import io
+import sys
 import time
 from pathlib import Path
 
@@ -124,11 +125,13 @@ def run_demo(*, out: Path, n_images: int = 64) -> int:
     from tokenlake.analyze import report
 
     html = report(lake, out=out / "report")["html"]
+    # the command as this shell can run it (`make demo` calls .venv/bin/tokenlake)
+    exe = sys.argv[0] if Path(sys.argv[0]).name == "tokenlake" else "tokenlake"
     _banner(
         f"Done in {time.time() - started:.0f} s. Lake: {lake}\n"
         f"Report (figures, tables beside the paper's, verdicts): {html}\n"
-        f"Ask it anything:  tokenlake sql --lake {lake} \"SELECT run, count(*) FROM outliers GROUP BY run\"\n"
-        f"What is in it:    tokenlake runs --lake {lake}\n"
+        f"Ask it anything:  {exe} sql --lake {lake} \"SELECT run, count(*) FROM outliers GROUP BY run\"\n"
+        f"What is in it:    {exe} runs --lake {lake}\n"
         "On a GPU machine with hub access, the real thing is:\n"
         "  tokenlake plan experiments/paper.toml          # every run of the paper, GPU time, disk\n"
         "  tokenlake run  experiments/paper.toml --lake LAKE"
