@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,20 +10,11 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "imagenet-sample"
 
 
-def load_image_helpers():
-    """tests/_images.py, importable under --import-mode=importlib."""
-    name = "tokenlake_tests_images"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_images.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture(scope="session")
 def image_helpers():
-    return load_image_helpers()
+    from tokenlake.extract import testing
+
+    return testing
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import datasets
@@ -11,23 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from tokenlake.extract import testing as images
 from tokenlake.extract._decode import ImageRejected, decode_image
 from tokenlake.extract._sources import Source, SourceError, open_source
 from tokenlake.extract._subsets import SUBSET_SCHEMA, draw_subset
 
-
-def _load_helpers():
-    name = "tokenlake_tests_images"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("_images.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-images = _load_helpers()
-SAMPLE = Path("/work/shared/data/imagenet-sample")
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Writers of good, odd and broken image files for the extract tests.
+"""Image files for tests and benchmarks: good, odd and broken ones, and small image folders.
 
 Every writer takes a directory and a file name and returns the path it wrote. `CASES` maps a
 case name to (writer, expected outcome) so tests can walk all of them; an outcome is either
