@@ -6,18 +6,15 @@ backbone.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from tokenlake import sql as tsql
-from tokenlake.store import Lake, LakeError, open_lake
+from tokenlake.store import Lake, LakeError, export_documented, open_lake
 
 FAMILIES = ("dinov2_reg4", "dinov2", "dino", "clip", "deit3", "pvt", "swinv2")
 
@@ -118,16 +115,7 @@ def out_dir(lk: Lake, out: str | Path | None) -> Path:
 
 def save_table(table: pa.Table, out: Path, name: str, *, meta: dict[str, Any]) -> dict[str, str]:
     """Write `name`.parquet (definitions in the schema metadata), `name`.csv and `name`.md."""
-    md = {b"tokenlake.analysis": json.dumps(meta, default=str).encode()}
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **md})
-    pq.write_table(table, out / f"{name}.parquet")
-    pacsv.write_csv(table, out / f"{name}.csv")
-    lines = [f"# {name}", "", str(meta.get("description", "")).strip(), ""]
-    for k, v in meta.items():
-        if k != "description":
-            lines.append(f"- **{k}**: {v}")
-    lines += ["", "Columns: " + ", ".join(f"`{c}`" for c in table.column_names), ""]
-    (out / f"{name}.md").write_text("\n".join(lines), encoding="utf-8")
+    export_documented(table, out, name, meta=meta)
     return {"parquet": str(out / f"{name}.parquet"), "csv": str(out / f"{name}.csv")}
 
 

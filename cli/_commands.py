@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -129,16 +128,9 @@ def sql(args: argparse.Namespace) -> int:
     if args.format == "table":
         _print_table(table, max_rows=args.max_rows)
         return 0
-    if args.format == "parquet" and not args.output:
-        raise ValueError("--format parquet needs --output FILE")
-    frame = pl.from_arrow(table)
-    if args.format == "parquet":
-        frame.write_parquet(args.output)
-    elif args.format == "csv":
-        frame.write_csv(args.output) if args.output else sys.stdout.write(frame.write_csv())
-    else:
-        rows = json.dumps(frame.to_dicts(), default=str, indent=1)
-        args.output.write_text(rows) if args.output else print(rows)
+    text = store.export_table(table, args.output, format=args.format)
+    if text is not None:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return 0
 
 

@@ -8,6 +8,7 @@ from tokenlake.store._errors import (
     RunExists,
     UnknownRun,
 )
+from tokenlake.store._export import export_documented, export_table
 from tokenlake.store._lake import Lake, open_lake
 from tokenlake.store._layout import ArraySpec, RunLayout
 from tokenlake.store._neurons import read_neurons, write_neurons
@@ -38,6 +39,8 @@ __all__ = [
     "RunLayout",
     "RunWriter",
     "UnknownRun",
+    "export_documented",
+    "export_table",
     "open_lake",
     "pixel_store_name",
     "probe_config_hash",
