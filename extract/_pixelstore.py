@@ -39,11 +39,13 @@ def _open_source(data: str, split: str | None):
     return open_source(data, split=split)  # once per worker process, not once per shard
 
 
-def _decode_shard(lake: str, name: str, data: str, split: str | None, indices: list[int],
+def _decode_shard(lake: str, name: str, data: str, split: str | None, indices: list[int | str],
                   shard: int, cfg: DataConfig) -> int:
+    """Decode one shard. `indices` are source indices, or file paths already resolved by the
+    parent (image folders), which spares every worker from indexing the dataset again."""
     pixel_store = store.PixelStore(lake, name)
     size = cfg.img_size
-    source, resize = _open_source(data, split), Resizer(cfg)
+    resize = Resizer(cfg)
     lo = shard * pixel_store.recipe()["shard_size"]
     pixels = np.zeros((len(indices), size, size, 3), np.uint8)
     widths, heights, reasons = [], [], []
@@ -51,7 +53,8 @@ def _decode_shard(lake: str, name: str, data: str, split: str | None, indices: l
         w = h = 0
         reason = None
         try:
-            decoded = decode_image(source.record(index).data)
+            item = index if isinstance(index, str) else _open_source(data, split).record(index).data
+            decoded = decode_image(item)
             pixels[k] = resize(decoded.image)
             w, h = decoded.width, decoded.height
         except ImageRejected as err:
@@ -66,6 +69,15 @@ def _decode_shard(lake: str, name: str, data: str, split: str | None, indices: l
                      "reason": pa.array(reasons, pa.string())})
     pixel_store.write_shard(shard, pixels=pixels, meta=meta)
     return len(indices)
+
+
+def _local_paths(data: str, split: str | None, indices: list[int]) -> list[str] | None:
+    """File paths of an image-folder subset (None for datasets that hold bytes, e.g. the hub)."""
+    source = _open_source(data, split)
+    first = source.record(indices[0]).data if indices else None
+    if not isinstance(first, str):
+        return None
+    return [str(source.record(i).data) for i in indices]
 
 
 def build_pixel_store(lake: str, subset_name: str, cfg: DataConfig, *, shard_size: int = 256,
@@ -85,7 +97,8 @@ def build_pixel_store(lake: str, subset_name: str, cfg: DataConfig, *, shard_siz
     bar = tqdm(total=len(indices), unit="img", desc=f"pixels {name}", disable=quiet,
                initial=len(indices) - sum(len(indices[s * shard_size:(s + 1) * shard_size])
                                           for s in todo))
-    args = [(lake, name, data, split, indices[s * shard_size:(s + 1) * shard_size], s, cfg)
+    items = _local_paths(data, split, indices) or indices
+    args = [(lake, name, data, split, items[s * shard_size:(s + 1) * shard_size], s, cfg)
             for s in todo]
     try:
         if workers == 1:
