@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +52,9 @@ def neighbours(lake: Any, *, runs: list[str] | str | None = None, out: str | Pat
 def _draw(infos, hist, rows: dict, path: Path, percentile: float, low_info: float,
           n_bins: int) -> None:
     h = hist.to_pydict()
-    n = len(infos)
-    nc = min(3, n)
-    nr = math.ceil(n / nc)
     with _plot.style():
-        fig, axes = _plot.plt.subplots(nr, nc, figsize=(4.6 * nc, 3.4 * nr + 0.5), squeeze=False)
-        for ax in axes.ravel()[n:]:
-            ax.set_visible(False)
-        for ax, info in zip(axes.ravel(), infos):
+        fig, axes = _plot.panel_grid(len(infos))
+        for ax, info in zip(axes, infos):
             for grp in ("normal", "outlier"):
                 ks = [k for k, (r, g) in enumerate(zip(h["run"], h["group"]))
                       if r == info.run and g == grp]

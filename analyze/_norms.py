@@ -106,14 +106,9 @@ def _draw(infos, hist: pa.Table, thr: dict, table: pa.Table, path: Path, percent
           n_bins: int) -> None:
     h = hist.to_pydict()
     stats = {r["run"]: r for r in table.to_pylist()}
-    n = len(infos)
-    nc = min(3, n)
-    nr = math.ceil(n / nc)
     with _plot.style():
-        fig, axes = _plot.plt.subplots(nr, nc, figsize=(4.6 * nc, 3.4 * nr + 0.5), squeeze=False)
-        for ax in axes.ravel()[n:]:
-            ax.set_visible(False)
-        for ax, info in zip(axes.ravel(), infos):
+        fig, axes = _plot.panel_grid(len(infos))
+        for ax, info in zip(axes, infos):
             sel = [k for k, r in enumerate(h["run"]) if r == info.run]
             for kind in ("patch", "cls", "reg"):
                 ks = [k for k in sel if h["kind"][k] == kind]

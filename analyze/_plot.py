@@ -128,3 +128,14 @@ def narrow_log_axis(ax) -> None:
         ax.xaxis.set_minor_formatter(mticker.NullFormatter())
         ax.set_xticks(np.geomspace(lo, hi, 5)[1:-1])
         ax.xaxis.set_major_formatter(mticker.FormatStrFormatter("%.3g"))
+
+
+def panel_grid(n: int, *, cols: int = 3, width: float = 4.6, height: float = 3.4):
+    """A figure with one panel per run (at most `cols` a row); unused panels hidden.
+    Returns (figure, the first n axes). Call inside `style()`."""
+    nc = min(cols, n)
+    nr = -(-n // nc)
+    fig, axes = plt.subplots(nr, nc, figsize=(width * nc, height * nr + 0.5), squeeze=False)
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.ravel()[:n])

@@ -78,14 +78,16 @@ class _Extractor:
         b_idx = torch.tensor(np.repeat(keep, [s.size for s in stored]), dtype=torch.long)
         t_idx = torch.from_numpy(np.concatenate(stored) if stored else np.zeros(0, np.int64))
         emb = out["tokens"][b_idx.to(dev), t_idx.to(dev)].to(torch.float16).cpu().numpy()  # [S, D]
+        # the summary policy stores no token, so its batches skip the cell copy altogether
         cells = token_cells(batch.pixels.numpy(), grid=lay.grid, cell=lay.cell,
-                            offset=lay.pixel_offset)  # [B, Np, P, P, 3]
+                            offset=lay.pixel_offset) if emb.shape[0] else None  # [B, Np, P, P, 3]
         start = 0
         for i, tokens in zip(keep, stored):
             n = tokens.size
             cell = np.zeros((n, lay.cell, lay.cell, 3), np.uint8)
             is_patch = tokens >= lay.n_prefix
-            cell[is_patch] = cells[i, tokens[is_patch] - lay.n_prefix]
+            if is_patch.any():
+                cell[is_patch] = cells[i, tokens[is_patch] - lay.n_prefix]
             buffer.images.append(ImageResult(
                 row=batch.rows[i], width=batch.sizes[i][0], height=batch.sizes[i][1],
                 norm=host["norm"][i], attn=host["attn"][i], nbr_cos=host["nbr_cos"][i],

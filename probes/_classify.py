@@ -83,10 +83,7 @@ def classify(
     quiet: bool = False, **hp: Any,
 ) -> dict[str, Any]:
     """Train (or reuse) the three one-token image classifiers of `run` (cls / normal / outlier)."""
-    unknown = set(hp) - set(DEFAULTS)
-    if unknown:
-        raise TypeError(f"classify(): unknown hyper-parameter(s) {sorted(unknown)}")
-    hp = {**DEFAULTS, **hp}
+    hp = _data.merge_hp("classify", DEFAULTS, hp)
     lk = open_lake(lake)
     info = _data.run_info(lk, run)
     tfp = _data.run_info(lk, info.threshold_run).fingerprint if info.threshold_run != run else ""

@@ -25,6 +25,14 @@ class ProbeError(ValueError):
     """A probe cannot run on this lake/run (no stored embeddings, no outliers, no labels, ...)."""
 
 
+def merge_hp(probe: str, defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The probe's defaults overridden by `given`; an unknown name is an error, never ignored."""
+    unknown = set(given) - set(defaults)
+    if unknown:
+        raise TypeError(f"{probe}(): unknown hyper-parameter(s) {sorted(unknown)}")
+    return {**defaults, **given}
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -95,10 +95,7 @@ def position(
     quiet: bool = False, **hp: Any,
 ) -> dict[str, Any]:
     """Train (or reuse) the position probe of `run`; returns the result dict (see README)."""
-    unknown = set(hp) - set(DEFAULTS)
-    if unknown:
-        raise TypeError(f"position(): unknown hyper-parameter(s) {sorted(unknown)}")
-    hp = {**DEFAULTS, **hp}
+    hp = _data.merge_hp("position", DEFAULTS, hp)
     lk = open_lake(lake)
     info = _data.run_info(lk, run)
     tfp = _data.run_info(lk, info.threshold_run).fingerprint if info.threshold_run != run else ""

@@ -39,10 +39,7 @@ def reconstruct(
     quiet: bool = False, **hp: Any,
 ) -> dict[str, Any]:
     """Train (or reuse) the pixel-reconstruction probe of `run`."""
-    unknown = set(hp) - set(DEFAULTS)
-    if unknown:
-        raise TypeError(f"reconstruct(): unknown hyper-parameter(s) {sorted(unknown)}")
-    hp = {**DEFAULTS, **hp}
+    hp = _data.merge_hp("reconstruct", DEFAULTS, hp)
     lk = open_lake(lake)
     info = _data.run_info(lk, run)
     if info.cell is None:

@@ -48,10 +48,7 @@ def registers(
     **hp: Any,
 ) -> dict[str, Any]:
     """Train (or reuse) the three Table-5 heads of `run`."""
-    unknown = set(hp) - set(DEFAULTS)
-    if unknown:
-        raise TypeError(f"registers(): unknown hyper-parameter(s) {sorted(unknown)}")
-    hp = {**DEFAULTS, **hp}
+    hp = _data.merge_hp("registers", DEFAULTS, hp)
     lk = open_lake(lake)
     info = _data.run_info(lk, run)
     for r in {run, train_run} - {None}:
