@@ -30,17 +30,19 @@ def extract(request: ExtractRequest, *, log=print) -> dict:
     if p.weights.is_random:
         log("NOTE: RANDOM WEIGHTS - this run's numbers describe an untrained network, not "
             f"{p.spec.timm_name}")
+    timing: dict = {}
     if request.workers > 1 or request.executor == "slurm":
         run_parallel(p, log=log)
         last = p.n_shards - 1
     else:
-        last = work(p, log=log)["last_shard"]
+        timing = work(p, log=log)
+        last = timing["last_shard"]
     missing = sorted(set(range(last + 1)) - writer.committed())
     if missing:
         raise store.LakeError(f"run {p.run}: shards {missing[:10]} were not written; rerun the "
                               "same command to resume")
     n_shards = last + 1 if request.keep_if_outlier else p.n_shards
-    writer.commit(_manifest(p, started), n_shards=n_shards)
+    writer.commit(_manifest(p, started, timing), n_shards=n_shards)
     return store.open_lake(request.lake).manifest(p.run)
 
 
@@ -51,7 +53,7 @@ def _pixel_source(p: Plan) -> str:
     return f"pixel store {found.name}" if found else "decoded from the source images"
 
 
-def _manifest(p: Plan, started: float) -> dict:
+def _manifest(p: Plan, started: float, timing: dict) -> dict:
     req = p.request
     model = meta_backbone(p.spec, p.img_size)  # parameter count and data config, no weights
     return {
@@ -72,4 +74,8 @@ def _manifest(p: Plan, started: float) -> dict:
         "embedding_dtype": "float16", "workers": req.workers, "executor": req.executor,
         "pixel_source": _pixel_source(p),
         "wall_time_s": round(time.time() - started, 3),  # of the invocation that committed
+        # that invocation's loop, first batch to last shard written (no model construction);
+        # None when shards ran in other processes
+        "loop_images": timing.get("loop_images"),
+        "loop_time_s": round(timing["loop_time_s"], 3) if "loop_time_s" in timing else None,
     }

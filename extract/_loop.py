@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,8 +23,8 @@ from tokenlake.extract._models import create_backbone
 from tokenlake.extract._pixelstore import find_pixel_store
 from tokenlake.extract._plan import Plan, adapter_options, array_specs, meta_layout
 from tokenlake.extract._policy import TokenPolicy
-from tokenlake.extract._preprocess import data_config, normalise, token_cells
-from tokenlake.extract._shardbuf import ImageResult, ShardBuffer
+from tokenlake.extract._preprocess import cells_at, data_config, normalise
+from tokenlake.extract._shardbuf import BatchResult, RowPool, ShardBuffer
 
 
 def open_writer(p: Plan) -> store.RunWriter:
@@ -54,58 +56,148 @@ def work(p: Plan, shards: list[int] | None = None, *, log=print) -> dict:
         adapter.close()
 
 
+@dataclass
+class _InFlight:
+    """A batch whose forward pass and copies to the host are queued, not necessarily done."""
+
+    batch: Batch
+    out: dict[str, torch.Tensor]  # device outputs, kept alive until the copies are done
+    host: dict[str, torch.Tensor]  # host copies (pinned buffers on a GPU)
+    pinned: dict[str, torch.Tensor] | None  # the pinned set `host` lives in, returned by finish
+    ready: torch.cuda.Event | None  # recorded on the copy stream after the last copy
+
+
 class _Extractor:
-    """Runs the backbone on batches and turns device outputs into per-image host results."""
+    """Runs the backbone on batches and turns device outputs into host arrays.
+
+    `launch` queues the forward pass and the copies to the host; `finish` waits for them and does
+    the host work. The loop launches batch i+1 before finishing batch i, so on a GPU the copies (on
+    their own stream, into reused pinned buffers) and the host work overlap the next forward pass.
+    """
 
     def __init__(self, plan_: Plan, adapter: Adapter, policy: TokenPolicy, cfg) -> None:
         self.plan, self.adapter, self.policy, self.cfg = plan_, adapter, policy, cfg
         self.layout = adapter.layout
+        self.device = plan_.device
+        cuda = self.device.type == "cuda"
+        self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        self._free_pinned: list[dict[str, torch.Tensor]] = []  # sets a finished batch gave back
 
     @torch.inference_mode()
-    def __call__(self, batch: Batch, buffer: ShardBuffer) -> None:
+    def launch(self, batch: Batch) -> _InFlight:
+        if not batch.rows:
+            return _InFlight(batch, {}, {}, None, None)
+        x = normalise(batch.pixels.to(self.device, non_blocking=True), self.cfg)  # [B, 3, H, W]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                            enabled=self.device.type == "cuda"):
+            out = self.adapter(x)
+        wanted = {k: v for k, v in out.items() if k != "tokens" or self.policy.name == "all"}
+        if self.copy_stream is None:
+            return _InFlight(batch, out, {k: v.to(_host_dtype(k)) for k, v in wanted.items()},
+                             None, None)
+        pinned = self._free_pinned.pop() if self._free_pinned else {}
+        host, ready = self._copy_out(wanted, pinned)
+        return _InFlight(batch, out, host, pinned, ready)
+
+    def _copy_out(self, tensors: dict[str, torch.Tensor], pinned: dict[str, torch.Tensor]):
+        """Queue device -> pinned host copies on the copy stream, after the forward pass."""
+        computed = torch.cuda.current_stream(self.device).record_event()
+        ready = torch.cuda.Event()
+        host = {}
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(computed)
+            for k, v in tensors.items():
+                v = v.to(_host_dtype(k))  # the cast runs on the copy stream too
+                host[k] = _pinned_view(pinned, k, v.shape, v.dtype).copy_(v, non_blocking=True)
+            ready.record(self.copy_stream)
+        return host, ready
+
+    @torch.inference_mode()
+    def finish(self, flight: _InFlight, buffer: ShardBuffer) -> None:
+        batch = flight.batch
         buffer.errors.extend(batch.errors)
         if not batch.rows:
             return
-        lay, dev = self.layout, self.plan.device
-        x = normalise(batch.pixels.to(dev, non_blocking=True), self.cfg)  # [B, 3, H, W]
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            out = self.adapter(x)
-        host = {k: v.float().cpu().numpy() for k, v in out.items() if k != "tokens"}
-        self._ids = [r.image_id for r in batch.rows]
-        keep = self._keep(host["norm"], buffer)
-        stored = [self.policy.select(host["norm"][i], n_prefix=lay.n_prefix,
-                                     image_id=batch.rows[i].image_id) for i in keep]
-        b_idx = torch.tensor(np.repeat(keep, [s.size for s in stored]), dtype=torch.long)
-        t_idx = torch.from_numpy(np.concatenate(stored) if stored else np.zeros(0, np.int64))
-        emb = out["tokens"][b_idx.to(dev), t_idx.to(dev)].to(torch.float16).cpu().numpy()  # [S, D]
-        # the summary policy stores no token, so its batches skip the cell copy altogether
-        cells = token_cells(batch.pixels.numpy(), grid=lay.grid, cell=lay.cell,
-                            offset=lay.pixel_offset) if emb.shape[0] else None  # [B, Np, P, P, 3]
-        start = 0
-        for i, tokens in zip(keep, stored):
-            n = tokens.size
-            cell = np.zeros((n, lay.cell, lay.cell, 3), np.uint8)
-            is_patch = tokens >= lay.n_prefix
-            if is_patch.any():
-                cell[is_patch] = cells[i, tokens[is_patch] - lay.n_prefix]
-            buffer.images.append(ImageResult(
-                row=batch.rows[i], width=batch.sizes[i][0], height=batch.sizes[i][1],
-                norm=host["norm"][i], attn=host["attn"][i], nbr_cos=host["nbr_cos"][i],
-                stored=tokens, embeddings=emb[start:start + n], cells=cell,
-                per_image={k: host[k][i] for k in ("cls_post", "patch_mean_post", "registers_post",
-                                                   "mlp_acts") if k in host},
-                block_norm=host["block_norm"][i] if "block_norm" in host else None,
-                qkv_norm=host["qkv_norm"][i] if "qkv_norm" in host else None,
-            ))
-            start += n
+        if flight.ready is not None:
+            flight.ready.synchronize()
+        lay = self.layout
+        host = {k: v.numpy() for k, v in flight.host.items()}
+        ids = np.array([r.image_id for r in batch.rows], dtype=np.int64)
+        keep = self._keep(host["norm"], ids, buffer)  # [K] batch positions
+        norm = host["norm"][keep]  # [K, T]
+        stored = self.policy.mask(norm, n_prefix=lay.n_prefix, image_ids=ids[keep])  # [K, T]
+        image, token = np.nonzero(stored)  # [S] each, in (image, token) order
+        if "tokens" in host:  # policy all: every token of every kept image, already on the host
+            kept = host["tokens"] if keep.size == len(batch.rows) else host["tokens"][keep]
+            emb = kept.reshape(-1, lay.embed_dim)  # [S, D]
+        else:
+            emb = self._gather(flight.out["tokens"], keep[image], token)  # [S, D]
+        rows = [batch.rows[i] for i in keep]
+        copy = {k: np.array(v[keep]) for k, v in host.items() if k != "tokens"}  # off the buffers
+        result = BatchResult(
+            rows=rows, sizes=[batch.sizes[i] for i in keep], norm=copy["norm"],
+            attn=copy["attn"], nbr_cos=copy["nbr_cos"], stored=stored,
+            per_image={k: copy[k] for k in ("cls_post", "patch_mean_post", "registers_post",
+                                            "mlp_acts") if k in copy},
+            block_norm=copy.get("block_norm"), qkv_norm=copy.get("qkv_norm"))
+        self._fill_cells(buffer.add(result, emb), batch.pixels.numpy(), keep, image, token)
+        if flight.pinned is not None:
+            self._free_pinned.append(flight.pinned)  # everything was copied out of it
 
-    def _keep(self, norm: np.ndarray, buffer: ShardBuffer) -> list[int]:
+    def _fill_cells(self, cells: np.ndarray, pixels: np.ndarray, keep: np.ndarray,
+                    image: np.ndarray, token: np.ndarray) -> None:
+        """cells [S, P, P, 3]: the pixels under each stored patch token; zeros for prefix tokens."""
+        lay = self.layout
+        if cells.shape[0] == keep.size * lay.n_tokens and lay.pixel_offset == 0 and (
+                pixels.shape[1:3] == (lay.grid[0] * lay.cell, lay.grid[1] * lay.cell)):
+            # every token of every kept image (policy all): one strided copy, no index arrays
+            gh, gw, c = *lay.grid, lay.cell
+            per_image = cells.reshape(keep.size, lay.n_tokens, c, c, 3)
+            per_image[:, :lay.n_prefix] = 0
+            mine = pixels if keep.size == pixels.shape[0] else pixels[keep]
+            tiles = mine.reshape(keep.size, gh, c, gw, c, 3).transpose(0, 1, 3, 2, 4, 5)
+            patches = per_image[:, lay.n_prefix:]
+            patches.shape = (keep.size, gh, gw, c, c, 3)  # raises rather than copy: a view
+            patches[...] = tiles
+            return
+        is_patch = token >= lay.n_prefix
+        cells[~is_patch] = 0
+        if is_patch.any():
+            cells[is_patch] = cells_at(pixels, keep[image[is_patch]], token[is_patch] - lay.n_prefix,
+                                       grid=lay.grid, cell=lay.cell, offset=lay.pixel_offset)
+
+    def _gather(self, tokens: torch.Tensor, image: np.ndarray, token: np.ndarray) -> np.ndarray:
+        """The stored tokens' embeddings [S, D] fp16, gathered on the device (policy sample)."""
+        if image.size == 0:
+            return np.zeros((0, self.layout.embed_dim), np.float16)
+        b = torch.from_numpy(image).to(self.device)
+        t = torch.from_numpy(token).to(self.device)
+        if self.copy_stream is None:
+            return tokens[b, t].to(torch.float16).numpy()
+        with torch.cuda.stream(self.copy_stream):  # beside the next batch's forward pass
+            emb = tokens[b, t].to(torch.float16)  # [S, D]
+            host = torch.empty(emb.shape, dtype=emb.dtype, pin_memory=True).copy_(emb, non_blocking=True)
+        self.copy_stream.synchronize()
+        return host.numpy()
+
+    def _keep(self, norm: np.ndarray, ids: np.ndarray, buffer: ShardBuffer) -> np.ndarray:
         if not self.plan.request.keep_if_outlier:
-            return list(range(norm.shape[0]))
-        keep = [i for i in range(norm.shape[0])
-                if self.policy.has_outlier(norm[i], n_prefix=self.layout.n_prefix)]
-        buffer.rejected.extend(self._ids[i] for i in range(norm.shape[0]) if i not in keep)
-        return keep
+            return np.arange(norm.shape[0])
+        has = self.policy.has_outlier(norm, n_prefix=self.layout.n_prefix)  # [B]
+        buffer.rejected.extend(ids[~has].tolist())
+        return np.flatnonzero(has)
+
+
+def _host_dtype(name: str) -> torch.dtype:
+    return torch.float16 if name in ("tokens", "mlp_acts") else torch.float32
+
+
+def _pinned_view(pinned: dict[str, torch.Tensor], name: str, shape, dtype) -> torch.Tensor:
+    """A pinned host buffer for `name`, reused across batches (the last batch may be smaller)."""
+    buf = pinned.get(name)
+    if buf is None or buf.dtype != dtype or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0]:
+        buf = pinned[name] = torch.empty(shape, dtype=dtype, pin_memory=True)
+    return buf[:shape[0]]
 
 
 class _ShardWriterThread:
@@ -132,6 +224,7 @@ class _ShardWriterThread:
             if mine:
                 self.writer.write_shard(buffer.shard, arrays=buffer.arrays(self.image_arrays),
                                         n_rejected=len(buffer.rejected), **tables)
+        buffer.release()
 
     def put(self, buffer: ShardBuffer) -> None:
         if self.error:
@@ -156,42 +249,84 @@ def _kept_in(lake: store.Lake, run: str, shards: set[int]) -> int:
     return sum(markers[s]["n_images"] for s in shards)
 
 
+class _Shards:
+    """Routes finished batches into their shard's buffer and hands complete shards to the writer."""
+
+    def __init__(self, p: Plan, layout, out: _ShardWriterThread, kept: int, last: int) -> None:
+        self.p, self.layout, self.out, self.kept, self.last = p, layout, out, kept, last
+        self.buffer: ShardBuffer | None = None
+        self.pool = RowPool()  # shard buffers the writer is done with, reused
+        req = p.request
+        per_image = {"all": layout.n_tokens, "summary": 0,  # the sample policy's is a first guess
+                     "sample": layout.n_prefix + req.normals_per_image + layout.n_patches // 20}
+        self.tokens_per_image = per_image[req.policy]
+
+    def buffer_for(self, shard: int) -> ShardBuffer:
+        if self.buffer is not None and self.buffer.shard != shard:
+            self.flush()
+        if self.buffer is None:
+            self.buffer = ShardBuffer(shard=shard, shard_size=self.p.request.shard_size,
+                                      layout=self.layout, tokens_per_image=self.tokens_per_image,
+                                      pool=self.pool)
+        return self.buffer
+
+    def flush(self) -> None:
+        if self.buffer is not None:
+            self.kept += self.buffer.n_images
+            self.out.put(self.buffer)
+            self.last, self.buffer = self.buffer.shard, None
+
+    def quota_reached(self) -> bool:
+        """keep-if-outlier: cut the current shard at the n-th kept image; True once there."""
+        req = self.p.request
+        if not req.keep_if_outlier or self.kept + self.buffer.n_images < req.n:
+            return False
+        self.buffer.truncate(req.n - self.kept)
+        return True
+
+
 def _run_shards(p: Plan, rows: list[InputRow], adapter, policy, cfg, writer, kept: int,
                 log) -> dict:
+    """Extract `rows`; returns the last shard written and how fast the loop itself ran."""
     req = p.request
-    last = max(writer.committed(), default=-1)
     extractor = _Extractor(p, adapter, policy, cfg)
     image_arrays = {k: s.shape for k, s in writer.specs.items() if s.kind == "image"}
     out = _ShardWriterThread(writer, image_arrays)
+    shards = _Shards(p, adapter.layout, out, kept, max(writer.committed(), default=-1))
     loader = batches(data=p.subset_meta["source"], split=p.subset_meta["split"], rows=rows, cfg=cfg,
                      shard_size=req.shard_size, batch_size=req.batch_size,
                      workers=req.decode_workers if req.decode_workers is not None
                      else default_workers(),
                      pin=p.device.type == "cuda", pixel_store=_pixel_store(p, cfg))
     bar = tqdm(total=len(rows), unit="img", disable=req.quiet, desc=p.run, smoothing=0.1)
-    buffer: ShardBuffer | None = None
+    started, seen = None, 0
+
+    def finish(flight: _InFlight) -> bool:
+        nonlocal seen
+        buffer = shards.buffer_for(flight.batch.shard)
+        extractor.finish(flight, buffer)
+        n = len(flight.batch.rows) + len(flight.batch.errors)
+        seen += n
+        bar.update(n)
+        bar.set_postfix(errors=len(buffer.errors), refresh=False)
+        return shards.quota_reached()
+
     try:
+        pending, stopped = None, False
         for batch in loader:
-            if buffer is not None and batch.shard != buffer.shard:
-                kept += len(buffer.images)
-                out.put(buffer)
-                last, buffer = buffer.shard, None
-            if buffer is None:
-                buffer = ShardBuffer(shard=batch.shard, shard_size=req.shard_size,
-                                     layout=adapter.layout)
-            extractor(batch, buffer)
-            bar.update(len(batch.rows) + len(batch.errors))
-            bar.set_postfix(errors=len(buffer.errors), refresh=False)
-            if req.keep_if_outlier and kept + len(buffer.images) >= req.n:
-                buffer.truncate(req.n - kept)
+            started = started or time.perf_counter()
+            flight = extractor.launch(batch)  # queued before the previous batch's host work
+            if pending is not None and (stopped := finish(pending)):
                 break
-        if buffer is not None:
-            kept += len(buffer.images)
-            out.put(buffer)
-            last = buffer.shard
+            pending = flight
+        if pending is not None and not stopped:
+            finish(pending)
+        shards.flush()
     finally:
         bar.close()
         out.close()
-    if req.keep_if_outlier and kept < req.n:
-        log(f"warning: only {kept} images of the subset have an outlier token; --n asked for {req.n}")
-    return {"last_shard": last}
+    if req.keep_if_outlier and shards.kept < req.n:
+        log(f"warning: only {shards.kept} images of the subset have an outlier token; "
+            f"--n asked for {req.n}")
+    return {"last_shard": shards.last, "loop_images": seen,
+            "loop_time_s": time.perf_counter() - started if started else 0.0}

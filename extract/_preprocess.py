@@ -85,3 +85,18 @@ def token_cells(pixels: np.ndarray, *, grid: tuple[int, int], cell: int, offset:
     canvas[:, lead:lead + src_h, lead:lead + src_w] = pixels[:, :src_h, :src_w]
     cells = canvas.reshape(b, gh, cell, gw, cell, 3).transpose(0, 1, 3, 2, 4, 5)
     return cells.reshape(b, gh * gw, cell, cell, 3)
+
+
+def cells_at(pixels: np.ndarray, image: np.ndarray, patch: np.ndarray, *, grid: tuple[int, int],
+             cell: int, offset: int) -> np.ndarray:
+    """The cells of patch tokens `patch` [S] of images `image` [S] -> uint8 [S, cell, cell, 3].
+
+    Gathers straight from the image when the grid tiles it exactly (ViT, Swin): one copy.
+    """
+    b, h, w, _ = pixels.shape
+    gh, gw = grid
+    if offset or (h, w) != (gh * cell, gw * cell):
+        return token_cells(pixels, grid=grid, cell=cell, offset=offset)[image, patch]
+    tiles = pixels.reshape(b, gh, cell, gw, cell, 3)
+    # advanced indices split by a slice: numpy puts their broadcast dimension first -> [S, P, P, 3]
+    return tiles[image, patch // gw, :, patch % gw]

@@ -45,6 +45,13 @@ def test_every_input_lands_in_images_or_errors(lake, folder):
             assert outcome[path] == ("ok" if want[0] == "ok" else want[1]), path
 
 
+def test_manifest_times_the_loop_without_model_construction(lake, folder):
+    _, expected = folder
+    man = open_lake(lake).manifest("pvt_b0-64-tiny-random")
+    assert man["loop_images"] == len(expected)  # images and errors alike went through the loop
+    assert 0 < man["loop_time_s"] <= man["wall_time_s"]
+
+
 def test_tokens_rows_and_labels(lake):
     db = open_lake(lake)
     rows = db.sql("SELECT run, kind, count(*) AS n, count(slot) AS stored FROM tokens "
