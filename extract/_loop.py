@@ -170,12 +170,13 @@ class _Extractor:
         """The stored tokens' embeddings [S, D] fp16, gathered on the device (policy sample)."""
         if image.size == 0:
             return np.zeros((0, self.layout.embed_dim), np.float16)
-        b = torch.from_numpy(image).to(self.device)
-        t = torch.from_numpy(token).to(self.device)
+        b, t = torch.from_numpy(image), torch.from_numpy(token)
         if self.copy_stream is None:
             return tokens[b, t].to(torch.float16).numpy()
-        with torch.cuda.stream(self.copy_stream):  # beside the next batch's forward pass
-            emb = tokens[b, t].to(torch.float16)  # [S, D]
+        # on the copy stream, index uploads included: the default stream is busy with the next
+        # batch's forward pass, and anything queued there would wait for it
+        with torch.cuda.stream(self.copy_stream):
+            emb = tokens[b.to(self.device), t.to(self.device)].to(torch.float16)  # [S, D]
             host = torch.empty(emb.shape, dtype=emb.dtype, pin_memory=True).copy_(emb, non_blocking=True)
         self.copy_stream.synchronize()
         return host.numpy()

@@ -142,6 +142,8 @@ def plan(request: ExtractRequest) -> Plan:
         "shard_size": request.shard_size, "seed": request.seed,
         "compute_dtype": "bfloat16" if device.type == "cuda" else "float32",
     }
+    if request.policy == "sample":  # the draw is part of what a resumed run must repeat
+        config["sample_draw"] = "k normal patches with the smallest splitmix64(seed, image_id, token)"
     ttreg = None
     if (request.record_mlp or request.test_time_registers is not None) and (
             spec.timm_name.startswith(("swin", "pvt"))):
