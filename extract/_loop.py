@@ -24,7 +24,7 @@ from tokenlake.extract._pixelstore import find_pixel_store
 from tokenlake.extract._plan import Plan, adapter_options, array_specs, meta_layout
 from tokenlake.extract._policy import TokenPolicy
 from tokenlake.extract._preprocess import cells_at, data_config, normalise
-from tokenlake.extract._shardbuf import BatchResult, RowPool, ShardBuffer
+from tokenlake.extract._shardbuf import BatchResult, RowPool, ShardBuffer, copy_rows
 
 
 def open_writer(p: Plan) -> store.RunWriter:
@@ -128,7 +128,8 @@ class _Extractor:
         stored = self.policy.mask(norm, n_prefix=lay.n_prefix, image_ids=ids[keep])  # [K, T]
         image, token = np.nonzero(stored)  # [S] each, in (image, token) order
         if "tokens" in host:  # policy all: every token of every kept image, already on the host
-            kept = host["tokens"] if keep.size == len(batch.rows) else host["tokens"][keep]
+            every = flight.host["tokens"]  # [B, T, D] tensor
+            kept = every if keep.size == len(batch.rows) else every[torch.from_numpy(keep)]
             emb = kept.reshape(-1, lay.embed_dim)  # [S, D]
         else:
             emb = self._gather(flight.out["tokens"], keep[image], token)  # [S, D]
@@ -140,31 +141,34 @@ class _Extractor:
             per_image={k: copy[k] for k in ("cls_post", "patch_mean_post", "registers_post",
                                             "mlp_acts") if k in copy},
             block_norm=copy.get("block_norm"), qkv_norm=copy.get("qkv_norm"))
-        self._fill_cells(buffer.add(result, emb), batch.pixels.numpy(), keep, image, token)
+        self._fill_cells(buffer.add(result, emb), batch.pixels, keep, image, token)
         if flight.pinned is not None:
             self._free_pinned.append(flight.pinned)  # everything was copied out of it
 
-    def _fill_cells(self, cells: np.ndarray, pixels: np.ndarray, keep: np.ndarray,
+    def _fill_cells(self, cells: np.ndarray, pixels: torch.Tensor, keep: np.ndarray,
                     image: np.ndarray, token: np.ndarray) -> None:
-        """cells [S, P, P, 3]: the pixels under each stored patch token; zeros for prefix tokens."""
+        """cells [S, P, P, 3]: the pixels under each stored patch token; zeros for prefix tokens.
+
+        pixels: the batch's uint8 [B, H, W, 3]."""
         lay = self.layout
         if cells.shape[0] == keep.size * lay.n_tokens and lay.pixel_offset == 0 and (
-                pixels.shape[1:3] == (lay.grid[0] * lay.cell, lay.grid[1] * lay.cell)):
+                tuple(pixels.shape[1:3]) == (lay.grid[0] * lay.cell, lay.grid[1] * lay.cell)):
             # every token of every kept image (policy all): one strided copy, no index arrays
             gh, gw, c = *lay.grid, lay.cell
             per_image = cells.reshape(keep.size, lay.n_tokens, c, c, 3)
             per_image[:, :lay.n_prefix] = 0
-            mine = pixels if keep.size == pixels.shape[0] else pixels[keep]
-            tiles = mine.reshape(keep.size, gh, c, gw, c, 3).transpose(0, 1, 3, 2, 4, 5)
+            mine = pixels if keep.size == pixels.shape[0] else pixels[torch.from_numpy(keep)]
+            tiles = mine.reshape(keep.size, gh, c, gw, c, 3).permute(0, 1, 3, 2, 4, 5)
             patches = per_image[:, lay.n_prefix:]
             patches.shape = (keep.size, gh, gw, c, c, 3)  # raises rather than copy: a view
-            patches[...] = tiles
+            copy_rows(patches, tiles)
             return
         is_patch = token >= lay.n_prefix
         cells[~is_patch] = 0
         if is_patch.any():
-            cells[is_patch] = cells_at(pixels, keep[image[is_patch]], token[is_patch] - lay.n_prefix,
-                                       grid=lay.grid, cell=lay.cell, offset=lay.pixel_offset)
+            cells[is_patch] = cells_at(pixels.numpy(), keep[image[is_patch]],
+                                       token[is_patch] - lay.n_prefix, grid=lay.grid,
+                                       cell=lay.cell, offset=lay.pixel_offset)
 
     def _gather(self, tokens: torch.Tensor, image: np.ndarray, token: np.ndarray) -> np.ndarray:
         """The stored tokens' embeddings [S, D] fp16, gathered on the device (policy sample)."""

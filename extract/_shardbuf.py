@@ -11,9 +11,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import torch
 
 from tokenlake.extract._adapters import TokenLayout
 from tokenlake.extract._loader import InputRow
+
+
+def copy_rows(dst: np.ndarray, src: np.ndarray | torch.Tensor) -> None:
+    """dst[...] = src with torch's copy, which splits large copies over the intra-op threads
+    (numpy copies on one core; at GPU rates these copies are most of the host's work)."""
+    src = torch.from_numpy(src) if isinstance(src, np.ndarray) else src
+    torch.from_numpy(dst).copy_(src)
 
 
 class RowPool:
@@ -62,8 +70,8 @@ class Rows:
         self.pool.give(self._data)
         self._data, self.n = self._data[:0], 0
 
-    def append(self, rows: np.ndarray) -> None:
-        self.extend(rows.shape[0])[...] = rows
+    def append(self, rows: np.ndarray | torch.Tensor) -> None:
+        copy_rows(self.extend(rows.shape[0]), rows)
 
     def truncate(self, n: int) -> None:
         self.n = min(self.n, n)
@@ -122,8 +130,9 @@ class ShardBuffer:
     def n_images(self) -> int:
         return sum(len(b.rows) for b in self.batches)
 
-    def add(self, result: BatchResult, embeddings: np.ndarray) -> np.ndarray:
-        """Adds a batch and the embeddings [S, D] of `result.stored` in (image, token) order;
+    def add(self, result: BatchResult, embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Adds a batch and the embeddings [S, D] (array or tensor) of `result.stored` in (image,
+        token) order;
         returns the batch's cell rows [S, P, P, 3] for the caller to fill."""
         self.batches.append(result)
         self.embeddings.append(embeddings)
