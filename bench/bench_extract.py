@@ -83,19 +83,30 @@ def _store_rows(alias: str, px: int, folder: Path, lake: Path, n: int, batch: in
     cfg = data_config(model, img_size=px)
     # the build is measured on a larger set, so start-up costs weigh as they would at scale
     paths = sorted(str(p) for p in store_folder.iterdir())
-    capacity = decode_capacity(paths, cfg, workers=workers)
+    # the node's capacity: every core decoding with PIL, or torchvision on the device (a GPU
+    # where there is one) if that is faster; the build is held to the faster, with that decoder
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shard = {"pil": 32, "torchvision": 128}  # torchvision decodes a shard per batch
+    capacity = {"pil": decode_capacity(paths, cfg, workers=workers),
+                "torchvision": decode_capacity(paths, cfg, workers=workers, decoder="torchvision",
+                                               device=device, batch_size=shard["torchvision"])}
+    decoder = max(capacity, key=capacity.get)
     build_lake = lake.with_name(f"{lake.name}-build-{alias}")  # a fresh store: built for real
     write_subset(build_lake, "bench", draw_subset(open_source(str(store_folder)), n=None))
     start = time.perf_counter()
-    build_pixel_store(str(build_lake), "bench", cfg, shard_size=32, workers=workers, quiet=True)
+    build_pixel_store(str(build_lake), "bench", cfg, shard_size=shard[decoder], workers=workers,
+                      quiet=True, decoder=decoder, device=device)
     built = len(paths) / (time.perf_counter() - start)
     build_pixel_store(str(lake), "bench", cfg, shard_size=32, workers=workers, quiet=True)
     fed = _extract(alias, px, lake, batch)
+    ratio = built / capacity[decoder]
     return [
-        {"name": f"pixel store build / decode capacity ({workers} cores), {px} px", "value":
-         built / capacity, "unit": "x", "target": ">= 0.9", "ok": built / capacity >= 0.9,
-         "note": f"{len(paths)} images: build {built:.0f} img/s (pool start, writing and "
-                 f"hashing included), decode+resize capacity {capacity:.0f} img/s"},
+        {"name": f"pixel store build / decode capacity ({workers} cores, {device}), {px} px",
+         "value": ratio, "unit": "x", "target": ">= 0.9", "ok": ratio >= 0.9,
+         "note": f"{len(paths)} images: build with {decoder} {built:.0f} img/s (start-up, writing "
+                 f"and hashing included); decode+resize capacity: PIL on {workers} processes "
+                 f"{capacity['pil']:.0f} img/s, torchvision on {device} "
+                 f"{capacity['torchvision']:.0f} img/s"},
         {"name": f"cpu extraction from the pixel store / bare forward, {alias}@{px}", "value":
          fed / bare, "unit": "x", "target": "<= 1.15", "ok": fed / bare <= 1.15,
          "note": f"extraction {fed:.1f} s, bare {bare:.1f} s"},

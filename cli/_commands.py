@@ -70,6 +70,7 @@ def extract(args: argparse.Namespace) -> int:
         device=args.device, decode_workers=args.decode_workers, workers=args.workers,
         executor=args.executor, slurm=_slurm_options(args), quiet=args.quiet,
         record_mlp=args.record_mlp, test_time_registers=args.test_time_registers,
+        decoder=args.decoder,
     )
     manifest = run_extraction(request, log=lambda text: _say(args, text))
     totals = manifest
@@ -86,13 +87,17 @@ def pixels(args: argparse.Namespace) -> int:
     from tokenlake.extract._pixelstore import build_pixel_store
     from tokenlake.extract._preprocess import data_config
 
+    if args.device and args.decoder == "pil":
+        raise ValueError("--device goes with --decoder torchvision (PIL decodes on the CPU cores)")
     spec = resolve_model(args.model)
     px = args.img_size or spec.img_size
     model = meta_backbone(spec, px)  # only the model's preprocessing recipe is needed
     built = build_pixel_store(str(args.lake), args.subset, data_config(model, img_size=px),
-                              shard_size=args.shard_size, workers=args.workers, quiet=args.quiet)
+                              shard_size=args.shard_size, workers=args.workers, quiet=args.quiet,
+                              decoder=args.decoder, device=args.device)
+    also = "" if args.decoder == "pil" else f" with --decoder {args.decoder}"
     print(f"pixel store {built.name}: complete ({built.dir}); every extraction of subset "
-          f"{args.subset} with this recipe now reads it")
+          f"{args.subset} with this recipe{also} now reads it")
     return 0
 
 
@@ -175,7 +180,8 @@ def plan(args: argparse.Namespace) -> int:
 
     exp = _experiments.load(args.file)
     lake = store.open_lake(args.lake) if args.lake and args.lake.exists() else None
-    _experiments.print_plan(exp, lake)
+    rates = _experiments.load_rates(args.rates) if args.rates else None
+    _experiments.print_plan(exp, lake, rates)
     return 0
 
 

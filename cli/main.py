@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-time-registers", default=None, metavar="RUN:K",
                    help="ViTs: add one zero token (kind ttreg) and move RUN's top-K register "
                         "neurons' activations onto it (see `tokenlake neurons`); K=0 adds the token only")
+    p.add_argument("--decoder", choices=["pil", "torchvision"], default="pil",
+                   help="whose decoded pixels: 'pil' (default; a PIL pixel store if built, else "
+                        "decoded on the fly) or 'torchvision' (reads the subset's torchvision "
+                        "pixel store, which `tokenlake pixels --decoder torchvision` builds)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_commands.extract)
 
@@ -100,8 +104,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset", required=True)
     p.add_argument("--model", required=True, help="whose resize recipe (size, crop, interpolation)")
     p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding processes (pil, default: all cores) or file-reading threads "
+                        "(torchvision, default: all cores up to 16)")
     p.add_argument("--shard-size", type=int, default=256, help="images per pixel-store shard")
+    p.add_argument("--decoder", choices=["pil", "torchvision"], default="pil",
+                   help="'pil' (every CPU core) or 'torchvision' (JPEGs decoded on --device, "
+                        "e.g. nvjpeg on a GPU; other files by PIL): a separate store, since the "
+                        "pixels differ by a few grey levels; extract with the same --decoder")
+    p.add_argument("--device", default=None,
+                   help="with --decoder torchvision: cuda, cuda:1, cpu (default: cuda if present)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_commands.pixels)
 
@@ -131,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="print an experiment file's runs with GPU time and disk")
     p.add_argument("file", type=Path, help="e.g. experiments/paper.toml")
     p.add_argument("--lake", type=Path, default=None, help="mark what this lake already holds")
+    p.add_argument("--rates", type=Path, default=None,
+                   help="GPU rates from this bench results file (bench/run.py --only gpu); "
+                        "default docs/bench-results-gpu.json if present, else DESIGN.md's")
     p.set_defaults(func=_commands.plan)
 
     p = sub.add_parser("run", help="execute an experiment file, skipping what the lake holds")

@@ -49,7 +49,7 @@ def extract(request: ExtractRequest, *, log=print) -> dict:
 def _pixel_source(p: Plan) -> str:
     model = meta_backbone(p.spec, p.img_size)
     found = find_pixel_store(p.request.lake, p.request.subset,
-                             data_config(model, img_size=p.img_size))
+                             data_config(model, img_size=p.img_size), decoder=p.request.decoder)
     return f"pixel store {found.name}" if found else "decoded from the source images"
 
 

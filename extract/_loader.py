@@ -6,7 +6,10 @@ Each item is decoded on its own, so one bad file becomes one ``errors`` row, nev
 from __future__ import annotations
 
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 
 import numpy as np
 import torch
@@ -50,26 +53,6 @@ class _DecodeDataset(Dataset):
         except Exception as err:  # noqa: BLE001 - a broken record costs one row, not the run
             item["reason"] = f"{type(err).__name__}: {err}"
         return item
-
-
-class _StoreDataset(Dataset):
-    """The same items from the lake's pixel store: no decoding, the pixels a decode would give."""
-
-    def __init__(self, *, lake: str, name: str, rows: list[InputRow]):
-        self.lake, self.name, self.rows = lake, name, rows
-        self._store = None
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        if self._store is None:
-            from tokenlake.store import PixelStore
-
-            self._store = PixelStore(self.lake, self.name)
-        row = self.rows[i]
-        pixels, width, height, reason = self._store.read(row.image_id)
-        return {"row": row, "pixels": pixels, "reason": reason, "width": width, "height": height}
 
 
 @dataclass
@@ -131,14 +114,68 @@ def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
+class _StoreBatches:
+    """Batches read from the pixel store by two threads: slices of memory-mapped shards copied
+    straight into (pinned) batch tensors, a few batches ahead.
+
+    No worker processes: for 224 px batches of 256 a DataLoader moved 2,000-4,000 img/s with 1-2
+    workers (per-item calls, collation and the copy through shared memory), the same reads in the
+    main process 9,000-13,000 img/s; threads keep that and take it off the main thread (numpy's
+    copies release the GIL).
+    """
+
+    def __init__(self, *, lake: str, name: str, rows: list[InputRow], shard_size: int,
+                 batch_size: int, pin: bool, threads: int = 2, ahead: int = 4) -> None:
+        from tokenlake.store import PixelStore
+
+        self.store = PixelStore(lake, name)
+        self.rows, self.shard_size, self.pin = rows, shard_size, pin
+        self.threads, self.ahead = threads, ahead
+        self.index = _ShardBatches([r.image_id // shard_size for r in rows], batch_size).batches
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __iter__(self):
+        todo = iter(self.index)
+        with ThreadPoolExecutor(self.threads, thread_name_prefix="pixel-store") as pool:
+            queued = deque(pool.submit(self._read, i) for i in islice(todo, self.ahead))
+            while queued:
+                batch = queued.popleft().result()
+                if (nxt := next(todo, None)) is not None:
+                    queued.append(pool.submit(self._read, nxt))
+                yield batch
+
+    def _read(self, index: list[int]) -> Batch:
+        rows = [self.rows[i] for i in index]
+        pos = np.array([r.image_id for r in rows], dtype=np.int64)
+        side = self.store.recipe_cached["img_size"]
+        out = torch.empty((pos.size, side, side, 3), dtype=torch.uint8, pin_memory=self.pin)
+        sizes, reasons = np.zeros((pos.size, 2), np.int64), []
+        step = self.store.recipe_cached["shard_size"]
+        cuts = np.flatnonzero(np.diff(pos // step)) + 1  # a batch may span two store shards
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, pos.size]):
+            _, sizes[lo:hi], why = self.store.read_many(pos[lo:hi], out=out.numpy()[lo:hi])
+            reasons += why
+        good = [k for k, why in enumerate(reasons) if why is None]
+        pixels = out
+        if len(good) < pos.size:  # failed inputs have no pixels
+            pixels = out[torch.tensor(good, dtype=torch.long)]
+            pixels = pixels.pin_memory() if self.pin else pixels
+        return Batch(shard=int(pos[0]) // self.shard_size, rows=[rows[k] for k in good],
+                     pixels=pixels, sizes=[(int(sizes[k, 0]), int(sizes[k, 1])) for k in good],
+                     errors=[(rows[k], why) for k, why in enumerate(reasons) if why is not None])
+
+
 def batches(*, data: str, split: str | None, rows: list[InputRow], cfg: DataConfig,
             shard_size: int, batch_size: int, workers: int, pin: bool,
-            pixel_store: tuple[str, str] | None = None) -> DataLoader:
-    """Batches of decoded inputs; from the pixel store (lake, name) when one is given."""
+            pixel_store: tuple[str, str] | None = None):
+    """Batches of decoded inputs; read from the pixel store (lake, name) when one is given, else
+    decoded by `workers` DataLoader processes."""
     if pixel_store is not None:
-        dataset = _StoreDataset(lake=pixel_store[0], name=pixel_store[1], rows=rows)
-    else:
-        dataset = _DecodeDataset(data=data, split=split, rows=rows, cfg=cfg)
+        return _StoreBatches(lake=pixel_store[0], name=pixel_store[1], rows=rows,
+                             shard_size=shard_size, batch_size=batch_size, pin=pin)
+    dataset = _DecodeDataset(data=data, split=split, rows=rows, cfg=cfg)
     sampler = _ShardBatches([r.image_id // shard_size for r in rows], batch_size)
     return DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers,

@@ -19,6 +19,7 @@ from tokenlake.extract._models import (
     resolve_weights,
 )
 from tokenlake.extract._policy import POLICIES
+from tokenlake.extract._tvdecode import check_decoder
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class ExtractRequest:
     seed: int = 0
     record_mlp: bool = False  # ViTs: MLP hidden activations at patch tokens (tiny subsets only)
     test_time_registers: str | None = None  # "RUN:K": move RUN's top-K register neurons
+    decoder: str = "pil"  # "torchvision": read the subset's torchvision pixel store (built first)
 
 
 @dataclass
@@ -116,6 +118,7 @@ def plan(request: ExtractRequest) -> Plan:
         raise ValueError(f"--executor must be 'local' or 'slurm', not {request.executor!r}")
     if request.workers < 1:
         raise ValueError("--workers must be at least 1")
+    check_decoder(request.decoder)
     rows = [
         InputRow(image_id=i, source_index=int(s), source_id=str(sid),
                  label=None if lab is None else int(lab))
@@ -144,6 +147,9 @@ def plan(request: ExtractRequest) -> Plan:
     }
     if request.policy == "sample":  # the draw is part of what a resumed run must repeat
         config["sample_draw"] = "k normal patches with the smallest splitmix64(seed, image_id, token)"
+    if request.decoder != "pil":  # config keys only when set: PIL runs are unchanged
+        _check_pixel_store(request, spec, img_size)
+        config["decoder"] = request.decoder
     ttreg = None
     if (request.record_mlp or request.test_time_registers is not None) and (
             spec.timm_name.startswith(("swin", "pvt"))):
@@ -155,6 +161,21 @@ def plan(request: ExtractRequest) -> Plan:
         ttreg, config["test_time_registers"] = _ttreg_neurons(lake, request, spec, weights)
     return Plan(request, spec, weights, img_size, run, rows, subset_meta, threshold, device, config,
                 ttreg)
+
+
+def _check_pixel_store(request: ExtractRequest, spec: ModelSpec, img_size: int) -> None:
+    """A non-PIL decoder is only available through its pixel store: refuse to run without one
+    (decoding on the fly would silently give PIL's pixels)."""
+    from tokenlake.extract._pixelstore import find_pixel_store
+    from tokenlake.extract._preprocess import data_config
+
+    cfg = data_config(meta_backbone(spec, img_size), img_size=img_size)
+    if find_pixel_store(request.lake, request.subset, cfg, decoder=request.decoder) is None:
+        raise ValueError(
+            f"--decoder {request.decoder}: subset {request.subset!r} has no complete "
+            f"{request.decoder} pixel store for {spec.alias} at {img_size} px. Build it first: "
+            f"tokenlake pixels --lake {request.lake} --subset {request.subset} --model "
+            f"{request.model} --img-size {img_size} --decoder {request.decoder}")
 
 
 def _ttreg_neurons(lake: store.Lake, request: ExtractRequest, spec: ModelSpec,

@@ -200,6 +200,17 @@ def open_source(data: str, *, split: str | None = None, cache_dir: str | None = 
     return _make_source(ds, spec=spec, split=split)
 
 
+def image_folder_root(data: str, split: str | None = None) -> Path | None:
+    """The directory an image folder's source_ids are relative to, found as `open_source` finds
+    it but without indexing the files; None when `data` is not a local image folder."""
+    path = Path(str(data)).expanduser()
+    if not path.is_dir() or (path / _SAVED_DICT_FILE).is_file() or all(
+            (path / f).is_file() for f in _SAVED_DATASET_FILES) or not _has_image_files(path):
+        return None
+    root = path / split if split is not None and (path / split).is_dir() else path
+    return root.resolve()
+
+
 def _looks_like_local_path(spec: str) -> bool:
     # hub names are "name" or "org/name"; anything else that does not exist is a mistyped path
     return (

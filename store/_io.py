@@ -34,13 +34,15 @@ def sha256_file(path: Path, *, block: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: Path, data: bytes | memoryview, *, fsync: bool = True) -> None:
-    """Write to `<name>.tmp-<pid>-<uuid>` then rename: readers see the old file or the whole new one."""
+def atomic_write(path: Path, data: bytes | memoryview | list[bytes | memoryview], *,
+                 fsync: bool = True) -> None:
+    """Write to `<name>.tmp-<pid>-<uuid>` then rename: readers see the old file or the whole new one.
+    `data` may be a list of buffers, written in order (no concatenated copy)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            f.writelines(data if isinstance(data, list) else [data])
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())

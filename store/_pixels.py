@@ -3,12 +3,20 @@
 Decoding JPEGs is slower than a small model's forward pass, so every model with the same input
 recipe (size, interpolation, crop) reads these shards instead of decoding again. Layout:
 
-    LAKE/pixels/<name>/recipe.json          subset, subset checksum, size, interpolation, crop, shard size
+    LAKE/pixels/<name>/recipe.json          subset, subset checksum, size, interpolation, crop,
+                                            shard size, decoder
     LAKE/pixels/<name>/shards/<shard>.npy   uint8 [inputs in the shard, S, S, 3]; rows of failed inputs are 0
-    LAKE/pixels/<name>/shards/<shard>.parquet  position, width, height, reason (NULL when usable)
+    LAKE/pixels/<name>/shards/<shard>.parquet  position, width, height, reason (NULL when usable),
+                                            decoder ('torchvision' | 'pil', NULL when failed)
     LAKE/pixels/<name>/shards/<shard>.json  marker, written last (byte counts and sha256 of both files)
 
 Row k of shard i is input position i * shard_size + k of the subset (the run's image_id).
+
+The recipe's decoder says which decoder built the store: "pil" (every row decoded by PIL) or
+"torchvision" (JPEGs decoded by torchvision, on a GPU where there is one; other inputs by PIL, and
+the row's `decoder` says which). Their pixels differ by a few grey levels, so they are different
+recipes; a torchvision store's name ends in "-tv". Stores written before the decoder existed have
+no `decoder` key or column: they are PIL stores, and `recipe()` / `meta()` say so.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tokenlake.store._errors import ContractError, LakeError
@@ -29,13 +38,25 @@ from tokenlake.store._writer import shard_name
 
 META_SCHEMA = pa.schema([
     ("position", pa.int64()), ("width", pa.int32()), ("height", pa.int32()),
-    ("reason", pa.string()),
+    ("reason", pa.string()), ("decoder", pa.string()),
 ])
+_DECODER_SUFFIX = {"pil": "", "torchvision": "-tv"}
 
 
 def pixel_store_name(subset: str, recipe: dict[str, Any]) -> str:
     crop = round(recipe["crop_pct"] * 1000)
-    return f"{subset}-{recipe['img_size']}-{recipe['interpolation']}-{recipe['crop_mode']}{crop}"
+    decoder = recipe.get("decoder", "pil")
+    suffix = _DECODER_SUFFIX.get(decoder, f"-{decoder}")  # PIL stores keep their old names
+    return (f"{subset}-{recipe['img_size']}-{recipe['interpolation']}-{recipe['crop_mode']}{crop}"
+            f"{suffix}")
+
+
+def _npy_parts(array: np.ndarray) -> list[memoryview]:
+    """The bytes `np.save` writes for `array`, as (header, the array's own buffer): no copy."""
+    array = np.ascontiguousarray(array)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+    return [header.getbuffer(), memoryview(array.reshape(-1))]  # uint8: bytes
 
 
 class PixelStore:
@@ -50,8 +71,13 @@ class PixelStore:
     # -- recipe ------------------------------------------------------------------------------
 
     def recipe(self) -> dict[str, Any] | None:
+        """The recipe on disk; a store from before the decoder key is a PIL store."""
         path = self.dir / "recipe.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        if not path.exists():
+            return None
+        recipe = json.loads(path.read_text())
+        recipe.setdefault("decoder", "pil")
+        return recipe
 
     def create(self, recipe: dict[str, Any]) -> None:
         """Start (or rejoin) the store; refuses a recipe that differs from the one on disk."""
@@ -85,20 +111,29 @@ class PixelStore:
         if pixels.dtype != np.uint8 or pixels.shape != (n, size, size, 3):
             raise ContractError(f"pixel shard {shard}: expected uint8 {(n, size, size, 3)}, got "
                                 f"{pixels.dtype} {pixels.shape}")
+        missing = sorted(set(META_SCHEMA.names) - set(meta.column_names))
+        if missing:
+            raise ContractError(f"pixel shard {shard}: meta lacks columns {missing}")
         meta = meta.select(META_SCHEMA.names).cast(META_SCHEMA)
         if meta.column("position").to_pylist() != list(range(lo, lo + n)):
             raise ContractError(f"pixel shard {shard}: meta.position must be {lo}..{lo + n - 1}")
+        failed = [r is not None for r in meta.column("reason").to_pylist()]
+        if failed != [d is None for d in meta.column("decoder").to_pylist()]:
+            raise ContractError(f"pixel shard {shard}: meta.decoder must be NULL exactly where "
+                                "reason is not (the decoder of every usable row)")
         base = self.dir / "shards" / shard_name(shard)
-        blobs = {".npy": io.BytesIO(), ".parquet": io.BytesIO()}
-        np.save(blobs[".npy"], pixels, allow_pickle=False)
-        pq.write_table(meta, blobs[".parquet"])
+        table = io.BytesIO()
+        pq.write_table(meta, table)
+        parts = {".npy": _npy_parts(pixels), ".parquet": [table.getbuffer()]}
         files = {}
-        for suffix, blob in blobs.items():
-            data = blob.getbuffer()
+        for suffix, buffers in parts.items():
+            digest = hashlib.sha256()
+            for buffer in buffers:
+                digest.update(buffer)
             # no fsync: the store is a cache of decodable inputs, checked by sha256 on validate,
             # and the per-file fsyncs cost more than the decoding of a shard
-            atomic_write(base.with_suffix(suffix), data, fsync=False)
-            files[suffix] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            atomic_write(base.with_suffix(suffix), buffers, fsync=False)
+            files[suffix] = {"bytes": sum(b.nbytes for b in buffers), "sha256": digest.hexdigest()}
         n_errors = n - meta.column("reason").null_count
         marker = {"shard": shard_name(shard), "n": n, "n_errors": n_errors, "files": files}
         atomic_write(base.with_suffix(".json"), json.dumps(marker, sort_keys=True).encode())
@@ -111,9 +146,20 @@ class PixelStore:
             base = self.dir / "shards" / shard_name(shard)
             if not base.with_suffix(".json").exists():
                 raise LakeError(f"pixel store {self.name!r}: shard {shard} is not committed")
-            self._maps[shard] = np.load(base.with_suffix(".npy"), mmap_mode="r")
+            pixels = np.load(base.with_suffix(".npy"), mmap_mode="r")
             self._meta[shard] = pq.read_table(base.with_suffix(".parquet"))
+            self._maps[shard] = pixels  # last: reader threads take its presence for both
         return self._maps[shard], self._meta[shard]
+
+    def meta(self, shard: int) -> pa.Table:
+        """A committed shard's rows (META_SCHEMA); stores from before the decoder column get one
+        ('pil' for usable rows: those stores were all decoded by PIL)."""
+        meta = self._shard(shard)[1]
+        if "decoder" not in meta.column_names:
+            usable = pc.is_null(meta.column("reason"))
+            decoder = pc.if_else(usable, pa.scalar("pil"), pa.scalar(None, pa.string()))
+            meta = meta.append_column("decoder", decoder)
+        return meta.select(META_SCHEMA.names)
 
     def read(self, position: int) -> tuple[np.ndarray | None, int, int, str | None]:
         """(pixels [S, S, 3] or None, width, height, reason) of one input position."""
@@ -123,6 +169,26 @@ class PixelStore:
         reason = meta.column("reason")[k].as_py()
         w, h = meta.column("width")[k].as_py(), meta.column("height")[k].as_py()
         return (None if reason is not None else np.array(pixels[k])), w, h, reason
+
+    def read_many(self, positions: np.ndarray, out: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+        """Input positions [n] of one shard -> (pixels [n, S, S, 3] (zeros for failed rows), the
+        original (width, height) [n, 2], reasons); copied into `out` when given (e.g. pinned)."""
+        step = self.recipe_cached["shard_size"]
+        shard = int(positions[0]) // step
+        if (positions // step != shard).any():
+            raise ValueError("read_many: positions must lie in one shard")
+        pixels, meta = self._shard(shard)
+        k = positions - shard * step
+        contiguous = k.size and k[-1] - k[0] + 1 == k.size and (np.diff(k) == 1).all()
+        src = pixels[k[0]:k[-1] + 1] if contiguous else pixels[k]  # a view when contiguous
+        if out is None:
+            out = np.array(src)
+        else:
+            np.copyto(out, src)  # numpy releases the GIL: reader threads run in parallel
+        size = np.stack([meta.column("width").to_numpy()[k], meta.column("height").to_numpy()[k]], 1)
+        reasons = meta.column("reason").take(pa.array(k)).to_pylist()
+        return out, size, reasons
 
     @property
     def recipe_cached(self) -> dict[str, Any]:

@@ -48,7 +48,8 @@ def test_every_input_lands_in_images_or_errors(lake, folder):
 def test_manifest_times_the_loop_without_model_construction(lake, folder):
     _, expected = folder
     man = open_lake(lake).manifest("pvt_b0-64-tiny-random")
-    assert man["loop_images"] == len(expected)  # images and errors alike went through the loop
+    # images and errors alike, after the first batch of 4 (the warm-up, not timed)
+    assert man["loop_images"] == len(expected) - 4
     assert 0 < man["loop_time_s"] <= man["wall_time_s"]
 
 
