@@ -1,6 +1,6 @@
 """`make bench`: run every bench/bench_*.py, print each measurement beside its target, save results.
 
-Each bench module exposes ``run(*, out: Path, quick: bool) -> list[dict]``; a row is
+Each bench module exposes ``run(*, out: Path, quick: bool)`` returning (or yielding) rows; a row is
 ``{"bench", "name", "value", "unit", "target", "ok", "note"}`` where ``target`` is a readable goal
 ("<= 0.5 s", ">= 0.95x") and ``ok`` is True/False/None (None: not applicable on this machine).
 """
@@ -30,6 +30,7 @@ def _device() -> dict:
 def _load(path: Path):
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses and worker processes look the module up by name
     spec.loader.exec_module(module)
     return module
 
@@ -42,22 +43,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    path = args.out / "results.json"
+
+    def save() -> None:  # after every row: a run cut short (a GPU lease ending) keeps its rows
+        result = {"device": _device(), "when": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(path)
+
     here = Path(__file__).resolve().parent
-    for path in sorted(here.glob("bench_*.py")):
-        if args.only and path.stem != f"bench_{args.only}":
+    for bench in sorted(here.glob("bench_*.py")):
+        if args.only and bench.stem != f"bench_{args.only}":
             continue
-        print(f"== {path.stem}", flush=True)
+        print(f"== {bench.stem}", flush=True)
         started = time.time()
-        for row in _load(path).run(out=args.out / path.stem, quick=args.quick):
-            row.setdefault("bench", path.stem)
+        for row in _load(bench).run(out=args.out / bench.stem, quick=args.quick):
+            row.setdefault("bench", bench.stem)
             rows.append(row)
+            save()
             mark = {True: "ok  ", False: "MISS", None: "n/a "}[row.get("ok")]
             print(f"  [{mark}] {row['name']:<58} {row['value']:>10.4g} {row['unit']:<6} "
                   f"target {row.get('target', '-'):<10} {row.get('note', '')}", flush=True)
         print(f"   ({time.time() - started:.0f} s)")
-    result = {"device": _device(), "when": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
-    path = args.out / "results.json"
-    path.write_text(json.dumps(result, indent=1))
+    save()
     print(f"results: {path}")
     return 0
 

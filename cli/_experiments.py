@@ -8,6 +8,7 @@ skips whatever the lake already holds.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -27,11 +28,14 @@ from tokenlake.extract._models import meta_backbone
 
 # Bare bf16 forward throughput on one H200 (random weights, same FLOPs as pretrained), measured
 # 2026-11 (shared/DESIGN.md). Other models are scaled by parameters x tokens within their family.
+# A GPU bench results file replaces them for the (model, px) pairs it measured (`Rates`).
 ANCHORS = {  # (alias, px): img/s
     ("dinov2_s", 518): 2347, ("dinov2_g_reg4", 518): 108, ("dinov2_g", 224): 636,
     ("deit3_m", 224): 13143, ("clip_b", 224): 8976, ("clip_h", 224): 1253,
     ("swinv2_s", 256): 2062, ("pvt_b2", 224): 5762,
 }
+# the results file a GPU session commits (`python bench/run.py --only gpu`, then copied here)
+GPU_RESULTS = Path(__file__).resolve().parents[1] / "docs" / "bench-results-gpu.json"
 # Until a 5k run says otherwise, assume half the candidates of a keep-if-outlier run are kept.
 DEFAULT_KEEP_SHARE = 0.5
 PARQUET_BYTES_PER_TOKEN = 24  # measured on demo lakes: ~9 columns, zstd
@@ -127,14 +131,109 @@ def _cost(alias: str, px: int) -> tuple[float, int, int, int]:
     return params * layout.n_tokens, layout.n_tokens, layout.embed_dim, layout.cell
 
 
-def images_per_second(alias: str, px: int, _cache: dict = {}) -> float:  # noqa: B006
-    if (alias, px) in ANCHORS:
-        return float(ANCHORS[alias, px])
-    if not _cache:
-        for (a, p), rate in ANCHORS.items():
-            _cache.setdefault(_family(a), []).append(rate * _cost(a, p)[0])
-    work = sorted(_cache[_family(alias)])
-    return work[len(work) // 2] / _cost(alias, px)[0]
+@dataclass
+class Rates:
+    """img/s per (alias, px) and policy: 'all' | 'sample' | 'summary' (extraction measured by the
+    GPU bench, fed from the pixel store) or 'bare' (a bare forward: DESIGN.md's anchors, or a
+    measured pair without extraction rows)."""
+
+    anchors: dict[tuple[str, int], dict[str, float]]
+    source: str  # the plan's line saying where the rates come from
+    gpu: str = "one H200"
+    _work: dict = field(default_factory=dict, repr=False)  # (family, policy) -> rate x cost
+
+    @staticmethod
+    def _pick(rates: dict[str, float], policy: str) -> float:
+        """The run's own policy when measured, else `all` (the slowest), else the bare forward."""
+        for key in (policy, "all", "bare"):
+            if key in rates:
+                return rates[key]
+        return min(rates.values())
+
+    def images_per_second(self, alias: str, px: int, policy: str = "all") -> float:
+        if (alias, px) in self.anchors:
+            return self._pick(self.anchors[alias, px], policy)
+        key = (_family(alias), policy)
+        if key not in self._work:
+            self._work[key] = sorted(self._pick(r, policy) * _cost(a, p)[0]
+                                     for (a, p), r in self.anchors.items() if _family(a) == key[0])
+        work = self._work[key]
+        return work[len(work) // 2] / _cost(alias, px)[0]
+
+
+def design_rates(note: str = "") -> Rates:
+    return Rates({k: {"bare": float(v)} for k, v in ANCHORS.items()},
+                 "bare bf16 forward rates on one H200 from DESIGN.md (not measured by this "
+                 f"project's bench{note}), scaled by parameters x tokens for other models")
+
+
+def load_rates(path: Path) -> Rates:
+    """The measured GPU rates of a bench results file (bench/run.py's results.json): rows with
+    `model`, `img_size` and `extract_img_s` (store-fed extraction, by policy) or `bare_img_s`.
+    A file without any (a CPU results file, NOT RUN rows) is an error."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--rates {path}: not a readable bench results file ({err})") from None
+    try:
+        rows, device = list(data["rows"]), dict(data.get("device") or {})
+    except (TypeError, KeyError, AttributeError, ValueError):
+        raise ValueError(f"--rates {path}: not a bench results file (no 'rows' list)") from None
+    measured: dict[tuple[str, int], dict[str, float]] = {}
+    gpus = set()
+    for row in rows:
+        model, px = row.get("model"), row.get("img_size")
+        where = row.get("device", device.get("gpu"))
+        if not model or not px or where in (None, "cpu"):
+            continue
+        rates = {}
+        if _rate(row.get("bare_img_s")):
+            rates["bare"] = float(row["bare_img_s"])
+        if _rate(row.get("extract_img_s")) and row.get("source", "pixel store") == "pixel store":
+            rates[row.get("policy") or "all"] = float(row["extract_img_s"])
+        if rates:
+            measured.setdefault((model, int(px)), {}).update(rates)
+            gpus.add(where)
+    if not measured:
+        raise ValueError(
+            f"--rates {path}: no GPU rates in this file (no row with a finite bare_img_s or "
+            f"extract_img_s measured on a GPU; device {device.get('gpu') or 'without CUDA'}, "
+            f"{len(rows)} rows, e.g. NOT RUN or CPU rows). Run `python bench/run.py "
+            "--only gpu` on a GPU machine and pass its results.json")
+    gpu = ", ".join(sorted(gpus))
+    pairs = ", ".join(f"{a}@{p} ({'/'.join(sorted(r))})" for (a, p), r in sorted(measured.items()))
+    rest = [k for k in ANCHORS if k not in measured]
+    anchors = {**{k: {"bare": float(v)} for k, v in ANCHORS.items()}, **measured}
+    source = (f"rates measured on {gpu} by the GPU bench ({path}, {data.get('when', '?')}) for "
+              f"{pairs}; extraction from the pixel store by policy where measured"
+              + (f"; DESIGN.md's H200 bare-forward anchors for {len(rest)} other pair(s)"
+                 if rest else "")
+              + "; other models scaled by parameters x tokens")
+    return Rates(anchors, source, gpu=gpu)
+
+
+def _rate(value) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def default_rates() -> Rates:
+    """The project's committed GPU results when there are GPU rates in it, else DESIGN.md's."""
+    if not GPU_RESULTS.is_file():
+        return design_rates(f"; {GPU_RESULTS.name} not found")
+    try:
+        return load_rates(GPU_RESULTS)
+    except ValueError:
+        return design_rates(f"; {GPU_RESULTS} holds no GPU rates")
+
+
+def images_per_second(alias: str, px: int, policy: str = "all", rates: Rates | None = None) -> float:
+    return (rates or _default()).images_per_second(alias, px, policy)
+
+
+@functools.cache
+def _default() -> Rates:
+    return default_rates()
 
 
 def _subset_size(spec: dict) -> int:
@@ -145,7 +244,8 @@ def _subset_size(spec: dict) -> int:
     return size if size is not None else open_source(spec["data"], split=spec.get("split")).num_rows
 
 
-def estimate(exp: Experiment, run: RunSpec, lake: store.Lake | None) -> dict:
+def estimate(exp: Experiment, run: RunSpec, lake: store.Lake | None,
+             rates: Rates | None = None) -> dict:
     px = run.img_size or resolve_model(run.model).img_size
     _, tokens, dim, cell = _cost(run.model, px)
     n = run.n if run.keep_if_outlier else _subset_size(exp.subsets[run.subset])
@@ -156,7 +256,8 @@ def estimate(exp: Experiment, run: RunSpec, lake: store.Lake | None) -> dict:
     row_bytes = dim * 2 + cell * cell * 3
     disk = n * (stored[run.policy] * row_bytes + tokens * PARQUET_BYTES_PER_TOKEN + 3 * dim * 4)
     return {"run": run.name(), "px": px, "policy": run.policy, "images": n, "processed": processed,
-            "gpu_s": processed / images_per_second(run.model, px), "disk": disk}
+            "gpu_s": processed / images_per_second(run.model, px, run.policy, rates),
+            "disk": disk}
 
 
 def _keep_share(lake: store.Lake | None, ref: str | None) -> float:
@@ -173,8 +274,9 @@ def _outlier_counts() -> str:
     return query_text("outlier_counts").strip().rstrip(";")
 
 
-def print_plan(exp: Experiment, lake: store.Lake | None) -> float:
-    rows = [estimate(exp, r, lake) for r in exp.runs]
+def print_plan(exp: Experiment, lake: store.Lake | None, rates: Rates | None = None) -> float:
+    rates = rates or default_rates()
+    rows = [estimate(exp, r, lake, rates) for r in exp.runs]
     done = {r["run"] for r in lake.runs()} if lake else set()
     width = max(len(r["run"]) for r in rows)
     print(f"{'run':<{width}} {'px':>4} {'policy':<8} {'images':>9} {'GPU min':>8} {'disk GB':>8}")
@@ -184,9 +286,9 @@ def print_plan(exp: Experiment, lake: store.Lake | None) -> float:
               f"{r['gpu_s'] / 60:>8.1f} {r['disk'] / 1e9:>8.2f}{mark}")
     todo = [r for r in rows if r["run"] not in done]
     hours = sum(r["gpu_s"] for r in todo) / 3600
-    print(f"\n{len(rows)} runs ({len(todo)} to do): {hours:.2f} GPU-hours of bare forward on one "
-          f"H200 (rates from DESIGN.md, scaled by parameters x tokens), "
+    print(f"\n{len(rows)} runs ({len(todo)} to do): {hours:.2f} GPU-hours on {rates.gpu}, "
           f"{sum(r['disk'] for r in todo) / 1e12:.2f} TB to write")
+    print(f"GPU rates: {rates.source}")
     print(f"{len(exp.analyses)} analyses and {len(exp.probes)} probes follow on the lake (CPU or GPU).")
     return hours
 

@@ -67,3 +67,104 @@ run = "pvt_b0-64-s-random-ref"
     assert {r["run"] for r in open_lake(lake).runs()} == {"sampled", "pvt_b0-64-s-random-ref"}
     assert main(["run", str(toml), "--lake", str(lake), "--quiet"]) == 0
     assert main(["plan", str(toml), "--lake", str(lake)]) == 0
+
+
+def _results(path: Path, rows: list[dict], gpu: str | None = "NVIDIA H200") -> Path:
+    import json
+
+    device = {"cuda": gpu is not None, **({"gpu": gpu} if gpu else {})}
+    path.write_text(json.dumps({"device": device, "when": "2026-12-01 10:00:00", "rows": rows}))
+    return path
+
+
+def _small(tmp_path: Path) -> _experiments.Experiment:
+    toml = tmp_path / "e.toml"
+    toml.write_text('''
+[subsets.s]
+data = "nowhere"
+n = 6000
+[[runs]]
+model = "deit3_m"
+subset = "s"
+run = "m-all"
+[[runs]]
+model = "deit3_m"
+subset = "s"
+policy = "summary"
+run = "m-summary"
+[[runs]]
+model = "deit3_m"
+subset = "s"
+policy = "sample"
+outlier_ref = "m-all"
+run = "m-sample"
+[[runs]]
+model = "deit3_s"
+subset = "s"
+policy = "summary"
+run = "s-summary"
+''')
+    return _experiments.load(toml)
+
+
+def test_measured_rates_change_the_estimate_exactly(tmp_path, capsys):
+    gpu = "NVIDIA H100 80GB HBM3"
+    common = {"model": "deit3_m", "img_size": 224, "bare_img_s": 12_000.0, "device": gpu}
+    path = _results(tmp_path / "results.json", [
+        {"name": "bare", **common},
+        {"name": "all", "policy": "all", "source": "pixel store", "extract_img_s": 4_000.0, **common},
+        {"name": "summary", "policy": "summary", "source": "pixel store",
+         "extract_img_s": 11_500.0, **common},
+        {"name": "jpeg", "policy": "summary", "source": "jpeg", "extract_img_s": 900.0, **common},
+        {"name": "not run", "model": "clip_b", "img_size": 224, "value": float("nan")},
+    ], gpu=gpu)
+    rates = _experiments.load_rates(path)
+    exp = _small(tmp_path)
+    est = {r.run: _experiments.estimate(exp, r, None, rates) for r in exp.runs}
+    assert est["m-all"]["gpu_s"] == pytest.approx(6000 / 4_000)  # planted, policy all
+    assert est["m-summary"]["gpu_s"] == pytest.approx(6000 / 11_500)  # its own policy's rate
+    assert est["m-sample"]["gpu_s"] == pytest.approx(6000 / 4_000)  # unmeasured policy: `all`'s
+    # deit3_s is scaled by parameters x tokens from the ViT anchors, deit3_m's now measured
+    cost = _experiments._cost
+    anchors = {**_experiments.ANCHORS, ("deit3_m", 224): 11_500.0}  # summary rate, measured
+    work = sorted(r * cost(a, p)[0] for (a, p), r in anchors.items()
+                  if _experiments._family(a) == "vit")
+    expected = work[len(work) // 2] / cost("deit3_s", 224)[0]
+    assert est["s-summary"]["gpu_s"] == pytest.approx(6000 / expected)
+    design = _experiments.design_rates()
+    assert _experiments.estimate(exp, exp.runs[0], None, design)["gpu_s"] == pytest.approx(
+        6000 / _experiments.ANCHORS["deit3_m", 224])
+
+    hours = _experiments.print_plan(exp, None, rates)
+    out = capsys.readouterr().out
+    assert hours == pytest.approx(sum(e["gpu_s"] for e in est.values()) / 3600)
+    line = next(t for t in out.splitlines() if t.startswith("GPU rates:"))
+    assert str(path) in line and gpu in line and "measured" in line
+    assert f"GPU-hours on {gpu}" in out
+
+
+def test_a_rates_file_without_gpu_rows_is_an_error(tmp_path, capsys):
+    not_run = [{"name": f"x {a}", "model": a, "img_size": 224, "value": float("nan"), "ok": None,
+                "note": "NOT RUN: no CUDA device on this machine"} for a in ("deit3_m", "clip_b")]
+    path = _results(tmp_path / "results.json", not_run, gpu=None)
+    with pytest.raises(ValueError, match="no GPU rates"):
+        _experiments.load_rates(path)
+    cpu = _results(tmp_path / "cpu.json", [{"name": "cpu", "model": "pvt_b2", "img_size": 224,
+                                           "bare_img_s": 10.0, "device": "cpu"}], gpu=None)
+    with pytest.raises(ValueError, match="no GPU rates"):
+        _experiments.load_rates(cpu)
+    assert main(["plan", str(PAPER), "--rates", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "no GPU rates" in err and str(path) in err
+
+
+def test_plan_uses_the_committed_gpu_results_else_design(tmp_path, monkeypatch, capsys):
+    exp = _small(tmp_path)
+    monkeypatch.setattr(_experiments, "GPU_RESULTS", tmp_path / "bench-results-gpu.json")
+    _experiments.print_plan(exp, None)
+    assert "from DESIGN.md" in capsys.readouterr().out
+    _results(_experiments.GPU_RESULTS, [{"name": "b", "model": "deit3_m", "img_size": 224,
+                                         "bare_img_s": 6_000.0}])
+    _experiments.print_plan(exp, None)
+    out = capsys.readouterr().out
+    assert str(_experiments.GPU_RESULTS) in out and "measured on NVIDIA H200" in out

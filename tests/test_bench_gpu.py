@@ -1,0 +1,126 @@
+"""The GPU bench's code path, run on the CPU with a tiny model: rows, fields and finite ratios.
+
+The GPU session runs `python bench/run.py --only gpu` once; this keeps that one run from failing
+on something a CPU could have caught.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_gpu.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_gpu"] = module  # as bench/run.py loads it: dataclasses and pools need it
+    spec.loader.exec_module(module)
+    return module
+
+
+MODEL = ("pvt_b0", 64, 4)
+
+
+def _tiny(bench):
+    return bench.Sizes(loop_s=0.1, min_batches=1, bare_s=0.05, warmup_steps=1,
+                       disk_bytes=8 << 20, disk_max_s=1.0, all_disk_s=1.0, capacity_images=16,
+                       max_images=24, budget_s=1e9)
+
+
+def _measure(bench, tmp_path, **kw):
+    return list(bench.measure(tmp_path / "out", device="cpu", models=(MODEL,),
+                              jpeg_models=(MODEL[0],), sizes=_tiny(bench),
+                              rates={MODEL[0]: 100.0}, n_images=24, strict=True,
+                              log=lambda _t: None, **kw))
+
+
+def _check(bench, rows):
+    expected = [name for name, _u, _t in bench.GLOBAL_ROWS]
+    expected += [name for name, _u, _t in bench.row_specs(*MODEL[:2], jpeg=True)]
+    assert [r["name"] for r in rows] == expected
+    for row in rows:
+        assert {"name", "value", "unit", "target", "ok", "note"} <= set(row), row
+        assert math.isfinite(row["value"]) and row["value"] > 0, row
+        assert row["note"] and "NOT RUN" not in row["note"]
+    by = {r["name"]: r for r in rows}
+    assert 60_000 < by[expected[0]]["mean_bytes"] < 200_000  # ImageNet-like JPEG sizes
+    for row in rows[2:]:
+        assert (row["model"], row["img_size"], row["batch"]) == MODEL
+        if row["name"].startswith(("bare", "extraction")):
+            assert row["bare_img_s"] > 0
+    policies = {r.get("policy"): r for r in rows if "extract_img_s" in r}
+    assert set(policies) == {"all", "sample", "summary"}
+    for row in (r for r in rows if "extract_img_s" in r):
+        assert row["ok"] in (True, False) and row["extract_img_s"] > 0
+        assert row["source"] in ("pixel store", "jpeg")
+    assert [r["source"] for r in rows if r.get("source") == "jpeg"] == ["jpeg"]
+    build = rows[3]
+    assert build["build_img_s"] > 0 and build["capacity_img_s"] >= build["cpu_decode_img_s"]
+    return by
+
+
+def test_gpu_bench_core_runs_on_the_cpu(bench, tmp_path, monkeypatch):
+    """The whole measurement. The disk is made slow, so the `all` run is held to it and runs on
+    a smaller subset with its own store (one batch: its output is capped at 1 s of this disk)."""
+    monkeypatch.setattr(bench, "disk_bandwidth", lambda folder, sizes: (5e4, 1 << 20))
+    rows = _measure(bench, tmp_path)
+    by = _check(bench, rows)
+    all_row = next(r for r in rows if r.get("policy") == "all")
+    assert all_row["disk_bound"] and all_row["target"] == ">= 0.9 x disk"
+    assert "DISK-BOUND" in all_row["note"]
+    assert all_row["value"] == pytest.approx(all_row["write_bytes_s"] / 5e4)
+    assert all_row["images"] == MODEL[2]
+    assert by["disk sequential write bandwidth (fsync'd)"]["disk_bytes_s"] == 5e4
+    assert not (tmp_path / "out" / "lakes").exists()  # lakes are deleted as it goes
+
+
+def test_disk_bandwidth_writes_and_removes(bench, tmp_path):
+    sizes = bench.Sizes(disk_bytes=4 << 20)
+    rate, written = bench.disk_bandwidth(tmp_path, sizes)
+    assert rate > 0 and written == 4 << 20 and not list(tmp_path.iterdir())
+
+
+def test_counts_cap_the_all_run_by_the_disk(bench):
+    sizes = bench.Sizes(loop_s=2.0, min_batches=20, all_disk_s=5.0)
+    c = bench.counts(13_000, 256, 360e3, 0.5e9, 2000, sizes, 50_000)
+    assert c.n == 26_112 and c.n_all == 7_168 and c.n_jpeg == 5_120  # 20 batches at least
+    assert bench.counts(13_000, 256, 360e3, float("inf"), 2000, sizes, 10_000).n == 10_000
+
+
+def test_without_cuda_every_row_says_not_run(bench, tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
+    rows = list(bench.run(out=tmp_path, quick=False))
+    assert len(rows) == 2 + 5 * 6 + 2
+    assert all(math.isnan(r["value"]) and r["ok"] is None and r["note"] == bench.NOT_RUN
+               for r in rows)
+    assert {r["model"] for r in rows if "model" in r} == {a for a, _p, _b in bench.MODELS}
+
+
+def test_gpu_decoder_branch_runs_on_the_cpu(bench, tmp_path, monkeypatch):
+    """The branch a GPU takes when torchvision decoding beats the CPU pool: the store is built
+    with decoder="torchvision" and extraction asks for it. Needs the decoder API of
+    `decode_capacity` / `build_pixel_store` (decoder=, device=) and `ExtractRequest(decoder=)`."""
+    from tokenlake.extract import _pixelstore
+
+    real, calls = _pixelstore.decode_capacity, []
+
+    def gpu_wins(paths, cfg, *, workers, **kw):
+        calls.append(kw)
+        rate = real(paths, cfg, workers=workers, **kw)
+        return rate * 1000 if kw.get("decoder") == "torchvision" else rate
+
+    monkeypatch.setattr(_pixelstore, "decode_capacity", gpu_wins)
+    rows = _measure(bench, tmp_path, gpu_decode=True)
+    _check(bench, rows)
+    assert {"decoder": "torchvision", "device": "cpu"} in calls
+    build = rows[3]
+    assert build["decoder"] == "torchvision" and build["gpu_decode_img_s"] > build["cpu_decode_img_s"]
+    assert "torchvision on cpu" in build["note"]
+    assert "PIL" in rows[-1]["note"]  # JPEG-fed runs decode with PIL (torchvision only builds stores)
