@@ -44,6 +44,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import _disk  # bench/_disk.py: bench/ is on sys.path under bench/run.py and the tests
 import numpy as np
 import torch
 
@@ -159,26 +160,9 @@ def make_images(folder: Path, n: int, *, workers: int | None = None, chunk: int 
 # -- disk --------------------------------------------------------------------------------------
 
 def disk_bandwidth(folder: Path, sizes: Sizes) -> tuple[float, int]:
-    """Sequential write bandwidth (bytes/s) of folder's filesystem: large blocks, each fsync'd,
-    as the lake's writer syncs every chunk file. Returns (bytes/s, bytes written)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "disk-bandwidth.tmp"
-    block = np.random.default_rng(0).integers(0, 255, sizes.block(), dtype=np.uint8).tobytes()
-    os.sync()  # the generated images' dirty pages are not this test's to flush
-    written = 0
-    start = time.perf_counter()
-    try:
-        with open(path, "wb", buffering=0) as f:
-            while written < sizes.disk_bytes:
-                f.write(block)
-                os.fsync(f.fileno())
-                written += len(block)
-                if written >= 4 * len(block) and time.perf_counter() - start > sizes.disk_max_s:
-                    break
-        elapsed = time.perf_counter() - start
-    finally:
-        path.unlink(missing_ok=True)
-    return written / elapsed, written
+    """Sequential write bandwidth (bytes/s) of folder's filesystem, and the bytes written."""
+    return _disk.disk_bandwidth(folder, total=sizes.disk_bytes, block=sizes.block(),
+                                max_s=sizes.disk_max_s)
 
 
 def _tree_bytes(path: Path) -> int:

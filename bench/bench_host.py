@@ -14,13 +14,13 @@ without a GPU:
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _disk import disk_bandwidth  # bench/ is on sys.path under bench/run.py
 
 H200_BARE = {"deit3_m": 13_143, "dinov2_s": 2_347}  # img/s, issue 5 (random weights, bf16)
 CASES = (("deit3_m", 224, "all"), ("deit3_m", 224, "sample"), ("dinov2_s", 518, "all"))
@@ -45,21 +45,6 @@ class _InstantBackbone:
 
     def close(self) -> None:
         pass
-
-
-def disk_write_bandwidth(folder: Path, *, total: int, block: int = 16 << 20) -> float:
-    """Bytes/s of one sequential write of `total` bytes with an fsync at the end, then deleted."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "disk-probe.bin"
-    data = np.random.default_rng(0).integers(0, 255, block, dtype=np.uint8).tobytes()
-    start = time.perf_counter()
-    with open(path, "wb") as f:
-        f.writelines(data for _ in range(total // block))
-        f.flush()
-        os.fsync(f.fileno())
-    seconds = time.perf_counter() - start
-    path.unlink()
-    return total // block * block / seconds
 
 
 def _lake(out: Path, n: int, px: int, alias: str) -> Path:
@@ -91,7 +76,7 @@ def _case(out: Path, alias: str, px: int, policy: str, n: int, batch: int,
     from tokenlake import store
     from tokenlake.extract import ExtractRequest
     from tokenlake.extract._loader import batches
-    from tokenlake.extract._loop import _Extractor, _pixel_store, open_writer
+    from tokenlake.extract._loop import _Extractor, _pixel_store, _ShardWriterThread, open_writer
     from tokenlake.extract._models import meta_backbone
     from tokenlake.extract._plan import meta_layout, plan
     from tokenlake.extract._policy import TokenPolicy
@@ -128,9 +113,10 @@ def _case(out: Path, alias: str, px: int, policy: str, n: int, batch: int,
     writer = open_writer(p)
     image_arrays = {k: s.shape for k, s in writer.specs.items() if s.kind == "image"}
     start = time.perf_counter()
+    out_ = _ShardWriterThread(writer, image_arrays)  # the extraction's own writer threads
     for buffer in buffers:
-        writer.write_shard(buffer.shard, arrays=buffer.arrays(image_arrays), n_rejected=0,
-                           **buffer.tables())
+        out_.put(buffer)
+    out_.close()
     seconds = time.perf_counter() - start
     written = sum(f.stat().st_size for f in (Path(lake) / "runs" / p.run).rglob("*") if f.is_file())
     shutil.rmtree(Path(lake) / "runs" / p.run)
@@ -152,8 +138,8 @@ def _case(out: Path, alias: str, px: int, policy: str, n: int, batch: int,
 
 
 def run(*, out: Path, quick: bool) -> list[dict]:
-    disk = disk_write_bandwidth(out, total=(256 if quick else 2048) << 20)
-    rows = [{"name": "disk sequential write bandwidth (fsync at end)", "value": disk / 1e6,
+    disk, _ = disk_bandwidth(out, total=(256 if quick else 1536) << 20)
+    rows = [{"name": "disk sequential write bandwidth (64 MiB blocks, fsync'd)", "value": disk / 1e6,
              "unit": "MB/s", "target": "-", "ok": None, "note": f"in {out}"}]
     for alias, px, policy in CASES:
         n, batch = (64, 32) if quick else ((1024, 256) if px < 300 else (256, 64))

@@ -18,6 +18,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_gpu.py"
 
 @pytest.fixture(scope="module")
 def bench():
+    sys.path.insert(0, str(BENCH.parent))  # as under bench/run.py: bench/_disk.py imports
     spec = importlib.util.spec_from_file_location("bench_gpu", BENCH)
     module = importlib.util.module_from_spec(spec)
     sys.modules["bench_gpu"] = module  # as bench/run.py loads it: dataclasses and pools need it
