@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenlake import store
+from tokenlake.cli._stores import StoreSpec, pixel_options, shared_stores
 from tokenlake.extract import (
     ExtractRequest,
     default_run_name,
@@ -25,6 +26,7 @@ from tokenlake.extract import (
     resolve_weights,
 )
 from tokenlake.extract._models import meta_backbone
+from tokenlake.extract._pixelstore import build_pixel_store, find_pixel_store
 
 # Bare bf16 forward throughput on one H200 (random weights, same FLOPs as pretrained), measured
 # 2026-11 (shared/DESIGN.md). Other models are scaled by parameters x tokens within their family.
@@ -70,12 +72,16 @@ class Experiment:
     runs: list[RunSpec]
     analyses: list[dict] = field(default_factory=list)
     probes: list[dict] = field(default_factory=list)
+    pixels: dict = field(default_factory=lambda: pixel_options({}, "defaults"))
+
+    def stores(self) -> list[StoreSpec]:
+        return shared_stores(self.runs, min_runs=self.pixels["min_runs"])
 
 
 def load(path: Path) -> Experiment:
     with open(path, "rb") as handle:
         raw = tomllib.load(handle)
-    unknown = set(raw) - {"subsets", "runs", "analyses", "probes"}
+    unknown = set(raw) - {"subsets", "runs", "analyses", "probes", "pixels"}
     if unknown:
         raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}")
     runs = []
@@ -87,7 +93,7 @@ def load(path: Path) -> Experiment:
         if runs[-1].subset not in raw.get("subsets", {}):
             raise ValueError(f"{path}: runs[{i}] uses subset {runs[-1].subset!r}, not defined")
     return Experiment(raw.get("subsets", {}), _ordered(runs), raw.get("analyses", []),
-                      raw.get("probes", []))
+                      raw.get("probes", []), pixel_options(raw.get("pixels", {}), str(path)))
 
 
 def _ordered(runs: list[RunSpec]) -> list[RunSpec]:
@@ -289,8 +295,24 @@ def print_plan(exp: Experiment, lake: store.Lake | None, rates: Rates | None = N
     print(f"\n{len(rows)} runs ({len(todo)} to do): {hours:.2f} GPU-hours on {rates.gpu}, "
           f"{sum(r['disk'] for r in todo) / 1e12:.2f} TB to write")
     print(f"GPU rates: {rates.source}")
+    _print_stores(exp, lake)
     print(f"{len(exp.analyses)} analyses and {len(exp.probes)} probes follow on the lake (CPU or GPU).")
     return hours
+
+
+def _print_stores(exp: Experiment, lake: store.Lake | None) -> None:
+    stores = exp.stores()
+    if not stores:
+        return
+    decoder = exp.pixels["decoder"]
+    print(f"\n{len(stores)} pixel stores, each decoded once ({decoder}) and read by the runs "
+          "that share its subset and resize recipe:")
+    for s in stores:
+        n = _subset_size(exp.subsets[s.subset])
+        built = lake is not None and find_pixel_store(lake.path, s.subset, s.cfg, decoder=decoder)
+        print(f"  {s.subset:<10} {s.cfg.img_size:>4} px {s.cfg.interpolation:<8} crop "
+              f"{s.cfg.crop_pct:<5} {n:>9,} images {n * s.cfg.img_size ** 2 * 3 / 1e9:>7.1f} GB  "
+              f"{len(s.runs)} runs{'  (in the lake)' if built else ''}")
 
 
 def execute(exp: Experiment, *, lake: Path, device: str | None, quiet: bool, log=print) -> int:
@@ -302,8 +324,14 @@ def execute(exp: Experiment, *, lake: Path, device: str | None, quiet: bool, log
             store.write_subset(lake, name, draw_subset(source, n=spec.get("n"),
                                                        seed=spec.get("seed", 42)))
             log(f"subset {name}: written")
+    decoder, from_store = exp.pixels["decoder"], set()
+    for s in exp.stores():
+        build_pixel_store(str(lake), s.subset, s.cfg, decoder=decoder, quiet=quiet)
+        from_store.update(s.runs)
+        log(f"pixel store for {s.subset} at {s.cfg.img_size} px: complete ({len(s.runs)} runs)")
     for run in exp.runs:
         manifest = extract(ExtractRequest(
+            decoder=decoder if run.name() in from_store else "pil",
             lake=str(lake), model=run.model, subset=run.subset, policy=run.policy,
             weights=run.weights, img_size=run.img_size, run=run.name(), outlier_ref=run.outlier_ref,
             normals_per_image=run.normals_per_image, keep_if_outlier=run.keep_if_outlier, n=run.n,

@@ -41,7 +41,7 @@ def test_unknown_keys_and_subsets_are_refused(tmp_path):
         _experiments.load(bad)
 
 
-def test_run_executes_a_file_and_resumes(tmp_path, image_helpers):
+def test_run_executes_a_file_and_resumes(tmp_path, image_helpers, capsys):
     image_helpers.write_imagefolder(tmp_path / "imgs", per_class=2)
     toml = tmp_path / "e.toml"
     toml.write_text(f'''
@@ -64,9 +64,56 @@ run = "pvt_b0-64-s-random-ref"
 ''')
     lake = tmp_path / "lake"
     assert main(["run", str(toml), "--lake", str(lake), "--device", "cpu", "--quiet"]) == 0
-    assert {r["run"] for r in open_lake(lake).runs()} == {"sampled", "pvt_b0-64-s-random-ref"}
+    db = open_lake(lake)
+    assert {r["run"] for r in db.runs()} == {"sampled", "pvt_b0-64-s-random-ref"}
+    for run in ("sampled", "pvt_b0-64-s-random-ref"):  # both read the one store decoded first
+        assert db.manifest(run)["pixel_source"].startswith("pixel store s-64-")
     assert main(["run", str(toml), "--lake", str(lake), "--quiet"]) == 0
     assert main(["plan", str(toml), "--lake", str(lake)]) == 0
+    assert "2 runs  (in the lake)" in capsys.readouterr().out
+
+
+def test_stores_are_shared_by_runs_with_one_recipe_and_skip_keep_if_outlier(tmp_path):
+    toml = tmp_path / "e.toml"
+    toml.write_text('''
+[subsets.s]
+data = "nowhere"
+[subsets.t]
+data = "nowhere"
+[pixels]
+decoder = "torchvision"
+[[runs]]
+model = "deit3_m"
+subset = "s"
+[[runs]]
+model = "deit3_s"
+subset = "s"
+policy = "summary"
+[[runs]]
+model = "deit3_s"
+subset = "s"
+img_size = 160
+[[runs]]
+model = "deit3_m"
+subset = "t"
+[[runs]]
+model = "deit3_s"
+subset = "t"
+policy = "sample"
+outlier_ref = "deit3_s-224-s"
+keep_if_outlier = true
+n = 10
+''')
+    exp = _experiments.load(toml)
+    assert exp.pixels == {"decoder": "torchvision", "min_runs": 2}
+    (shared,) = exp.stores()  # deit3_m and deit3_s share 224 px, bicubic, crop 1.0 on s
+    assert (shared.subset, shared.cfg.img_size) == ("s", 224)
+    assert shared.runs == ("deit3_m-224-s", "deit3_s-224-s")
+    toml.write_text(toml.read_text().replace('decoder = "torchvision"', "min_runs = 1"))
+    assert len(_experiments.load(toml).stores()) == 3  # the 160 px run and subset t's plain run
+    toml.write_text(toml.read_text().replace("min_runs = 1", 'decoder = "nvjpeg"'))
+    with pytest.raises(ValueError, match="decoder must be one of pil, torchvision"):
+        _experiments.load(toml)
 
 
 def _results(path: Path, rows: list[dict], gpu: str | None = "NVIDIA H200") -> Path:
