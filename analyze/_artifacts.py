@@ -162,8 +162,7 @@ def _draw_worst(lk, infos: list[RunInfo], worst: pa.Table, path: Path) -> None:
             lab = f"{info.run} · {r['source_id']}\nJaccard {r['jaccard']:.2f} " \
                   f"({r['n_both']}/{r['n_either']})"
             _plot.image_panel(axes[k, 0], img, title="input", missing=why)
-            axes[k, 0].set_ylabel(("RANDOM WEIGHTS\n" if info.random_weights else "") + lab,
-                                  color=_plot.RANDOM if info.random_weights else "black", fontsize=8)
+            _plot.row_label(axes[k, 0], info, lab, width=30, size=8)
             _plot.map_panel(axes[k, 1], fig, norm, marks=top_n, marks2=top_a,
                             title="‖x‖ (red: top norm)", cbar_label="L2 norm")
             _plot.map_panel(axes[k, 2], fig, attn, marks=top_n, marks2=top_a, cmap="magma",

@@ -117,9 +117,7 @@ def _draw(lk: Lake, infos: list[RunInfo], sources: list[str], panels: dict, path
                                 title=head + f"‖x‖ pre-norm ({n_out} outl.)", cbar_label="L2 norm")
                 _plot.map_panel(ax_attn, fig, attn, marks=out_m, cmap="magma", mark_color="#00e5ff",
                                 title=head + attn_title(info), cbar_label="attention")
-            lab = ("RANDOM WEIGHTS\n" if info.random_weights else "") + info.label.replace("  ", "\n")
-            axes[r, 0].set_ylabel(lab, color=_plot.RANDOM if info.random_weights else "black",
-                                  fontsize=9, fontweight="bold" if info.random_weights else None)
+            _plot.row_label(axes[r, 0], info, info.label.replace("  ", "\n"))
         _plot.suptitle(fig, f"Feature and attention maps — outlined: outliers (norm > "
                             f"{percentile * 100:g}th percentile; red on norm, cyan on attention)", infos)
         _plot.layout(fig, infos)

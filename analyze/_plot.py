@@ -52,6 +52,16 @@ def run_title(ax, info: RunInfo, extra: str = "", *, size: float | None = None) 
         ax.set_title(text, fontsize=size)
 
 
+def row_label(ax, info: RunInfo, text: str, *, width: int = 22, size: float = 9) -> None:
+    """A grid row's y label: wrapped to the row's height (long run names ran into the next row),
+    red with a RANDOM WEIGHTS mark when the run has random weights."""
+    lines = [line for part in text.split("\n") for line in textwrap.wrap(part, width)]
+    if info.random_weights:
+        lines.insert(0, "RANDOM WEIGHTS")
+    ax.set_ylabel("\n".join(lines), color=RANDOM if info.random_weights else "black",
+                  fontsize=size, fontweight="bold" if info.random_weights else None)
+
+
 def suptitle(fig, title: str, infos: list[RunInfo]) -> None:
     """Figure title; runs with random weights are named in red under it (never omitted)."""
     from matplotlib.transforms import ScaledTranslation
