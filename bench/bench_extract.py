@@ -72,8 +72,7 @@ def _extract(alias: str, px: int, lake: Path, batch: int) -> float:
     return time.perf_counter() - start
 
 
-def _store_rows(alias: str, px: int, folder: Path, lake: Path, n: int, batch: int,
-                bare: float, store_folder: Path) -> list[dict]:
+def _build_row(alias: str, px: int, lake: Path, store_folder: Path) -> dict:
     import os
 
     from tokenlake.extract._pixelstore import build_pixel_store, decode_capacity
@@ -98,36 +97,44 @@ def _store_rows(alias: str, px: int, folder: Path, lake: Path, n: int, batch: in
                       quiet=True, decoder=decoder, device=device)
     built = len(paths) / (time.perf_counter() - start)
     build_pixel_store(str(lake), "bench", cfg, shard_size=32, workers=workers, quiet=True)
-    fed = _extract(alias, px, lake, batch)
     ratio = built / capacity[decoder]
-    return [
-        {"name": f"pixel store build / decode capacity ({workers} cores, {device}), {px} px",
-         "value": ratio, "unit": "x", "target": ">= 0.9", "ok": ratio >= 0.9,
-         "note": f"{len(paths)} images: build with {decoder} {built:.0f} img/s (start-up, writing "
-                 f"and hashing included); decode+resize capacity: PIL on {workers} processes "
-                 f"{capacity['pil']:.0f} img/s, torchvision on {device} "
-                 f"{capacity['torchvision']:.0f} img/s"},
-        {"name": f"cpu extraction from the pixel store / bare forward, {alias}@{px}", "value":
-         fed / bare, "unit": "x", "target": "<= 1.15", "ok": fed / bare <= 1.15,
-         "note": f"extraction {fed:.1f} s, bare {bare:.1f} s"},
-    ]
+    return {"name": f"pixel store build / decode capacity ({workers} cores, {device}), {px} px",
+            "value": ratio, "unit": "x", "target": ">= 0.9", "ok": ratio >= 0.9,
+            "note": f"{len(paths)} images: build with {decoder} {built:.0f} img/s (start-up, "
+                    f"writing and hashing included); decode+resize capacity: PIL on {workers} "
+                    f"processes {capacity['pil']:.0f} img/s, torchvision on {device} "
+                    f"{capacity['torchvision']:.0f} img/s"}
 
 
 def run(*, out: Path, quick: bool) -> list[dict]:
-    n, batch = (16, 8) if quick else (160, 32)
+    n, batch = (16, 8) if quick else (128, 32)
     folder = _images(out, n)
     store_folder = _images(out / "store", 64 if quick else 500)
-    lake = out / "lake"
-    write_subset(lake, "bench", draw_subset(open_source(str(folder)), n=None))
+    subset = draw_subset(open_source(str(folder)), n=None)
     torch.set_num_threads(torch.get_num_threads())
     rows = []
     for alias, px in MODELS:
-        bare = _bare(alias, px, folder, batch)
-        full = _extract(alias, px, lake, batch)
-        ratio = full / bare
+        decoding, fed = out / f"lake-{alias}", out / f"lake-{alias}-store"  # the same images
+        write_subset(decoding, "bench", subset)
+        write_subset(fed, "bench", subset)
+        build = _build_row(alias, px, fed, store_folder)
+        # interleaved rounds, best of each: on 2 shared cores one timing moves by up to 25 %
+        times: dict[str, list[float]] = {"bare": [], "jpeg": [], "store": []}
+        for _ in range(2):
+            times["bare"].append(_bare(alias, px, folder, batch))
+            times["jpeg"].append(_extract(alias, px, decoding, batch))
+            times["store"].append(_extract(alias, px, fed, batch))
+        bare, full, stored = (min(times[k]) for k in ("bare", "jpeg", "store"))
+        spread = ", ".join(f"{k} " + "/".join(f"{t:.1f}" for t in v) for k, v in times.items())
         rows.append({"name": f"cpu extraction / bare forward, {alias}@{px}, {n} images",
-                     "value": ratio, "unit": "x", "target": "<= 1.15", "ok": ratio <= 1.15,
-                     "note": f"bare {bare:.1f} s ({n / bare:.1f} img/s), extraction {full:.1f} s "
-                             f"({n / full:.1f} img/s), random weights"})
-        rows += _store_rows(alias, px, folder, lake, n, batch, bare, store_folder)
+                     "value": full / bare, "unit": "x", "target": "<= 1.15",
+                     "ok": full / bare <= 1.15,
+                     "note": f"best of 2: bare {bare:.1f} s ({n / bare:.1f} img/s), extraction "
+                             f"{full:.1f} s ({n / full:.1f} img/s); all rounds (s): {spread}; "
+                             "random weights"})
+        rows.append(build)
+        rows.append({"name": f"cpu extraction from the pixel store / bare forward, {alias}@{px}",
+                     "value": stored / bare, "unit": "x", "target": "<= 1.15",
+                     "ok": stored / bare <= 1.15,
+                     "note": f"best of 2: extraction {stored:.1f} s, bare {bare:.1f} s"})
     return rows
