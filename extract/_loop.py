@@ -23,7 +23,7 @@ from tokenlake.extract._models import create_backbone
 from tokenlake.extract._pixelstore import find_pixel_store
 from tokenlake.extract._plan import Plan, adapter_options, array_specs, meta_layout
 from tokenlake.extract._policy import TokenPolicy
-from tokenlake.extract._preprocess import cells_at, data_config, normalise
+from tokenlake.extract._preprocess import cells_at, channel_stats, data_config, normalise
 from tokenlake.extract._shardbuf import BatchResult, RowPool, ShardBuffer, copy_rows
 
 
@@ -82,12 +82,14 @@ class _Extractor:
         cuda = self.device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self._free_pinned: list[dict[str, torch.Tensor]] = []  # sets a finished batch gave back
+        self.stats = channel_stats(cfg, self.device)
 
     @torch.inference_mode()
     def launch(self, batch: Batch) -> _InFlight:
         if not batch.rows:
             return _InFlight(batch, {}, {}, None, None)
-        x = normalise(batch.pixels.to(self.device, non_blocking=True), self.cfg)  # [B, 3, H, W]
+        x = normalise(batch.pixels.to(self.device, non_blocking=True), self.cfg,
+                      self.stats)  # [B, 3, H, W]
         with torch.autocast(self.device.type, dtype=torch.bfloat16,
                             enabled=self.device.type == "cuda"):
             out = self.adapter(x)

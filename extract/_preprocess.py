@@ -63,10 +63,18 @@ class Resizer:
         return pixels
 
 
-def normalise(pixels: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+def channel_stats(cfg: DataConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std as [1, 3, 1, 1] tensors on `device`. Made once per run: building a CUDA tensor
+    from Python numbers waits for everything queued on the device, so per batch it would stall
+    the pipeline."""
+    return (torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1),
+            torch.tensor(cfg.std, device=device).view(1, 3, 1, 1))
+
+
+def normalise(pixels: torch.Tensor, cfg: DataConfig,
+              stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float [B, 3, H, W], as timm's ToTensor + Normalize."""
-    mean = torch.tensor(cfg.mean, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.std, device=pixels.device).view(1, 3, 1, 1)
+    mean, std = stats if stats is not None else channel_stats(cfg, pixels.device)
     x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
     return (x - mean) / std
 

@@ -78,10 +78,13 @@ class TTRegister:
     def _mover(self, neurons: list[int]):
         index = self.index
         cols = torch.tensor(neurons, dtype=torch.long)
+        on_device: dict[torch.device, torch.Tensor] = {}  # an upload per batch would be a sync
 
         def hook(_module, args):
             h = args[0]  # [B, T, H]
-            c = cols.to(h.device)
+            c = on_device.get(h.device)
+            if c is None:
+                c = on_device[h.device] = cols.to(h.device)
             patch = h[:, index + 1:, :].index_select(-1, c)  # [B, Np, k]
             peak = patch.amax(dim=1)  # [B, k]: per image, over its own patches only
             h = h.clone()
