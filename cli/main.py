@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=256, help="images per shard")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if present)")
     p.add_argument("--decode-workers", type=int, default=None,
-                   help="decoding processes per extraction process (default: cores - 1, max 8)")
+                   help="decoding processes per extraction process (default: cores - 1, max 8); "
+                        "unused when a pixel store feeds the run (read by threads)")
     p.add_argument("--workers", type=int, default=1,
                    help="extraction processes, each owning whole shards (one per GPU)")
     p.add_argument("--executor", choices=["local", "slurm"], default="local",
