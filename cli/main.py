@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help="decoding processes (pil, default: all cores) or file-reading threads "
                         "(torchvision, default: all cores up to 16)")
-    p.add_argument("--shard-size", type=int, default=256, help="images per pixel-store shard")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="images per pixel-store shard (default: >= 4 shards per worker, at most "
+                        "256; an unfinished store keeps its own)")
     p.add_argument("--decoder", choices=["pil", "torchvision"], default="pil",
                    help="'pil' (every CPU core) or 'torchvision' (JPEGs decoded on --device, "
                         "e.g. nvjpeg on a GPU; other files by PIL): a separate store, since the "

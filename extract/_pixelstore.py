@@ -112,17 +112,33 @@ def _local_paths(data: str, split: str | None, indices: list[int],
     return [str(source.record(i).data) for i in indices]
 
 
-def build_pixel_store(lake: str, subset_name: str, cfg: DataConfig, *, shard_size: int = 256,
-                      workers: int | None = None, quiet: bool = False, decoder: str = "pil",
+def default_shard_size(n: int, *, workers: int, decoder: str) -> int:
+    """PIL: whole shards are a worker's unit of work, so aim at >= 4 shards per worker (20 shards
+    on 16 workers would run in two waves, the second a quarter busy), 16 to 256 images each.
+    torchvision: 256, one device batch per shard."""
+    if decoder == "torchvision":
+        return 256
+    return int(min(256, max(16, -(-n // (4 * workers)))))
+
+
+def build_pixel_store(lake: str, subset_name: str, cfg: DataConfig, *,
+                      shard_size: int | None = None, workers: int | None = None,
+                      quiet: bool = False, decoder: str = "pil",
                       device: str | torch.device | None = None) -> store.PixelStore:
     """Build (or finish) the store for this subset, recipe and decoder; returns it.
 
     decoder "pil": `workers` decoding processes (default: every core). decoder "torchvision":
     one process decoding on `device` (default cuda if present, else cpu), `workers` file-reading
-    threads (default: every core, at most 16)."""
+    threads (default: every core, at most 16). shard_size: by default the unfinished store's
+    own, else `default_shard_size`."""
     check_decoder(decoder)
     subset = store.read_subset(lake, subset_name)
     indices = subset.column("source_index").to_pylist()
+    if shard_size is None:
+        probe = recipe(subset=subset_name, checksum="", n=0, cfg=cfg, shard_size=0, decoder=decoder)
+        started = store.PixelStore(lake, store.pixel_store_name(subset_name, probe)).recipe()
+        shard_size = started["shard_size"] if started else default_shard_size(
+            len(indices), workers=workers or max(1, os.cpu_count() or 1), decoder=decoder)
     rec = recipe(subset=subset_name, checksum=store.subset_checksum(lake, subset_name),
                  n=len(indices), cfg=cfg, shard_size=shard_size, decoder=decoder)
     name = store.pixel_store_name(subset_name, rec)

@@ -58,3 +58,28 @@ def test_store_keeps_every_input_and_validates(lake):
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
     assert store.validate() and "checksum" in store.validate()[0]
+
+
+def test_default_shard_size_gives_every_worker_several_shards():
+    from tokenlake.extract._pixelstore import default_shard_size
+
+    assert default_shard_size(5000, workers=16, decoder="pil") == 79  # 64 shards, not 20
+    assert default_shard_size(200_000, workers=16, decoder="pil") == 256
+    assert default_shard_size(10, workers=2, decoder="pil") == 16
+    assert default_shard_size(5000, workers=16, decoder="torchvision") == 256
+
+
+def test_an_unfinished_store_keeps_its_shard_size(tmp_path, image_helpers):
+    from tokenlake.extract._models import meta_backbone, resolve_model
+    from tokenlake.extract._pixelstore import build_pixel_store
+    from tokenlake.extract._preprocess import data_config
+
+    image_helpers.write_imagefolder(tmp_path / "imgs", per_class=3)
+    lake = tmp_path / "lake"
+    assert main(["subset", "--lake", str(lake), "--name", "s", "--data", str(tmp_path / "imgs")]) == 0
+    cfg = data_config(meta_backbone(resolve_model("pvt_b0"), 64), img_size=64)
+    built = build_pixel_store(str(lake), "s", cfg, shard_size=4, workers=1, quiet=True)
+    marker = sorted((built.dir / "shards").glob("*.json"))[1]
+    marker.unlink()  # an interrupted build: shard 1 is missing
+    resumed = build_pixel_store(str(lake), "s", cfg, workers=2, quiet=True)  # default would be 16
+    assert resumed.recipe()["shard_size"] == 4 and resumed.is_complete()
