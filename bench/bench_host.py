@@ -76,7 +76,7 @@ def _case(out: Path, alias: str, px: int, policy: str, n: int, batch: int,
     from tokenlake import store
     from tokenlake.extract import ExtractRequest
     from tokenlake.extract._loader import batches
-    from tokenlake.extract._loop import _Extractor, _pixel_store, _ShardWriterThread, open_writer
+    from tokenlake.extract._loop import _Extractor, _ShardWriterThread, open_writer, pixel_source
     from tokenlake.extract._models import meta_backbone
     from tokenlake.extract._plan import meta_layout, plan
     from tokenlake.extract._policy import TokenPolicy
@@ -92,7 +92,7 @@ def _case(out: Path, alias: str, px: int, policy: str, n: int, batch: int,
     policy_ = TokenPolicy(policy, threshold=39.2, normals_per_image=4, seed=0)
     extractor = _Extractor(p, _InstantBackbone(layout, batch), policy_, cfg)
     loaded = list(batches(data="", split=None, rows=p.rows, cfg=cfg, shard_size=batch,
-                          batch_size=batch, workers=1, pin=False, pixel_store=_pixel_store(p, cfg)))
+                          batch_size=batch, workers=1, pin=False, pixel_store=pixel_source(p)))
     flights = [extractor.launch(b) for b in loaded]  # the stand-in's outputs, not timed
     pool, per_image = RowPool(), {"all": layout.n_tokens, "sample": layout.n_prefix + 8}[policy]
 

@@ -167,8 +167,12 @@ class Rates:
         return work[len(work) // 2] / _cost(alias, px)[0]
 
 
+def _design_anchors() -> dict[tuple[str, int], dict[str, float]]:
+    return {k: {"bare": float(v)} for k, v in ANCHORS.items()}
+
+
 def design_rates(note: str = "") -> Rates:
-    return Rates({k: {"bare": float(v)} for k, v in ANCHORS.items()},
+    return Rates(_design_anchors(),
                  "bare bf16 forward rates on one H200 from DESIGN.md (not measured by this "
                  f"project's bench{note}), scaled by parameters x tokens for other models")
 
@@ -210,7 +214,7 @@ def load_rates(path: Path) -> Rates:
     gpu = ", ".join(sorted(gpus))
     pairs = ", ".join(f"{a}@{p} ({'/'.join(sorted(r))})" for (a, p), r in sorted(measured.items()))
     rest = [k for k in ANCHORS if k not in measured]
-    anchors = {**{k: {"bare": float(v)} for k, v in ANCHORS.items()}, **measured}
+    anchors = {**_design_anchors(), **measured}
     source = (f"rates measured on {gpu} by the GPU bench ({path}, {data.get('when', '?')}) for "
               f"{pairs}; extraction from the pixel store by policy where measured"
               + (f"; DESIGN.md's H200 bare-forward anchors for {len(rest)} other pair(s)"

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from tokenlake.cli import _analyze_cmd, _commands, _probe_cmd
+from tokenlake.extract._tvdecode import DECODERS
 
 
 def _lake(p: argparse.ArgumentParser) -> None:
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-time-registers", default=None, metavar="RUN:K",
                    help="ViTs: add one zero token (kind ttreg) and move RUN's top-K register "
                         "neurons' activations onto it (see `tokenlake neurons`); K=0 adds the token only")
-    p.add_argument("--decoder", choices=["pil", "torchvision"], default="pil",
+    p.add_argument("--decoder", choices=DECODERS, default="pil",
                    help="whose decoded pixels: 'pil' (default; a PIL pixel store if built, else "
                         "decoded on the fly) or 'torchvision' (reads the subset's torchvision "
                         "pixel store, which `tokenlake pixels --decoder torchvision` builds)")
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=None,
                    help="images per pixel-store shard (default: >= 4 shards per worker, at most "
                         "256; an unfinished store keeps its own)")
-    p.add_argument("--decoder", choices=["pil", "torchvision"], default="pil",
+    p.add_argument("--decoder", choices=DECODERS, default="pil",
                    help="'pil' (every CPU core) or 'torchvision' (JPEGs decoded on --device, "
                         "e.g. nvjpeg on a GPU; other files by PIL): a separate store, since the "
                         "pixels differ by a few grey levels; extract with the same --decoder")

@@ -13,7 +13,6 @@ import torch
 from tokenlake import store
 from tokenlake.extract._loop import open_writer, work
 from tokenlake.extract._models import meta_backbone
-from tokenlake.extract._pixelstore import find_pixel_store
 from tokenlake.extract._plan import ExtractRequest, Plan, meta_layout, plan
 from tokenlake.extract._preprocess import data_config
 from tokenlake.extract._scale import run_parallel
@@ -46,13 +45,6 @@ def extract(request: ExtractRequest, *, log=print) -> dict:
     return store.open_lake(request.lake).manifest(p.run)
 
 
-def _pixel_source(p: Plan) -> str:
-    model = meta_backbone(p.spec, p.img_size)
-    found = find_pixel_store(p.request.lake, p.request.subset,
-                             data_config(model, img_size=p.img_size), decoder=p.request.decoder)
-    return f"pixel store {found.name}" if found else "decoded from the source images"
-
-
 def _manifest(p: Plan, started: float, timing: dict) -> dict:
     req = p.request
     model = meta_backbone(p.spec, p.img_size)  # parameter count and data config, no weights
@@ -72,7 +64,8 @@ def _manifest(p: Plan, started: float, timing: dict) -> dict:
                      "tokenlake": version("tokenlake")},
         "device": str(p.device), "compute_dtype": p.config["compute_dtype"],
         "embedding_dtype": "float16", "workers": req.workers, "executor": req.executor,
-        "pixel_source": _pixel_source(p),
+        "pixel_source": f"pixel store {p.pixel_store}" if p.pixel_store
+        else "decoded from the source images",
         "wall_time_s": round(time.time() - started, 3),  # of the invocation that committed
         # that invocation's loop, first batch to last shard written (no model construction);
         # None when shards ran in other processes

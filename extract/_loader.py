@@ -151,12 +151,7 @@ class _StoreBatches:
         pos = np.array([r.image_id for r in rows], dtype=np.int64)
         side = self.store.recipe_cached["img_size"]
         out = torch.empty((pos.size, side, side, 3), dtype=torch.uint8, pin_memory=self.pin)
-        sizes, reasons = np.zeros((pos.size, 2), np.int64), []
-        step = self.store.recipe_cached["shard_size"]
-        cuts = np.flatnonzero(np.diff(pos // step)) + 1  # a batch may span two store shards
-        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, pos.size]):
-            _, sizes[lo:hi], why = self.store.read_many(pos[lo:hi], out=out.numpy()[lo:hi])
-            reasons += why
+        _, sizes, reasons = self.store.read_many(pos, out=out.numpy())
         good = [k for k, why in enumerate(reasons) if why is None]
         pixels = out
         if len(good) < pos.size:  # failed inputs have no pixels

@@ -20,11 +20,15 @@ from tokenlake import store
 from tokenlake.extract._adapters import Adapter, make_adapter
 from tokenlake.extract._loader import Batch, InputRow, batches, default_workers
 from tokenlake.extract._models import create_backbone
-from tokenlake.extract._pixelstore import find_pixel_store
 from tokenlake.extract._plan import Plan, adapter_options, array_specs, meta_layout
 from tokenlake.extract._policy import TokenPolicy
 from tokenlake.extract._preprocess import cells_at, channel_stats, data_config, normalise
 from tokenlake.extract._shardbuf import BatchResult, RowPool, ShardBuffer, copy_rows
+
+
+def pixel_source(p: Plan) -> tuple[str, str] | None:
+    """(lake, name) of the pixel store the plan found for the run; None: decode the images."""
+    return (p.request.lake, p.pixel_store) if p.pixel_store else None
 
 
 def open_writer(p: Plan) -> store.RunWriter:
@@ -254,12 +258,6 @@ class _ShardWriterThread:
             raise self.error
 
 
-def _pixel_store(p: Plan, cfg) -> tuple[str, str] | None:
-    """Read the subset's decoded pixels from the lake when a matching pixel store was built."""
-    found = find_pixel_store(p.request.lake, p.request.subset, cfg, decoder=p.request.decoder)
-    return (p.request.lake, found.name) if found else None
-
-
 def _kept_in(lake: store.Lake, run: str, shards: set[int]) -> int:
     markers = lake.markers(run)
     return sum(markers[s]["n_images"] for s in shards)
@@ -313,7 +311,7 @@ def _run_shards(p: Plan, rows: list[InputRow], adapter, policy, cfg, writer, kep
                      shard_size=req.shard_size, batch_size=req.batch_size,
                      workers=req.decode_workers if req.decode_workers is not None
                      else default_workers(),
-                     pin=p.device.type == "cuda", pixel_store=_pixel_store(p, cfg))
+                     pin=p.device.type == "cuda", pixel_store=pixel_source(p))
     bar = tqdm(total=len(rows), unit="img", disable=req.quiet, desc=p.run, smoothing=0.1)
     # timed from the end of the first batch, which pays the warm-up (kernel selection, first
     # allocations), as a bare-forward benchmark excludes its warm-up iterations; a run of one

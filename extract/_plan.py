@@ -63,6 +63,7 @@ class Plan:
     device: torch.device
     config: dict = field(default_factory=dict)
     ttreg: list[tuple[int, int]] | None = None  # (block, neuron) moved to the test-time register
+    pixel_store: str | None = None  # the pixel store the run reads (its name); None: decode
 
     @property
     def n_shards(self) -> int:
@@ -147,8 +148,8 @@ def plan(request: ExtractRequest) -> Plan:
     }
     if request.policy == "sample":  # the draw is part of what a resumed run must repeat
         config["sample_draw"] = "k normal patches with the smallest splitmix64(seed, image_id, token)"
+    pixel_store = _find_pixels(request, spec, img_size)
     if request.decoder != "pil":  # config keys only when set: PIL runs are unchanged
-        _check_pixel_store(request, spec, img_size)
         config["decoder"] = request.decoder
     ttreg = None
     if (request.record_mlp or request.test_time_registers is not None) and (
@@ -160,22 +161,25 @@ def plan(request: ExtractRequest) -> Plan:
     if request.test_time_registers is not None:
         ttreg, config["test_time_registers"] = _ttreg_neurons(lake, request, spec, weights)
     return Plan(request, spec, weights, img_size, run, rows, subset_meta, threshold, device, config,
-                ttreg)
+                ttreg, pixel_store)
 
 
-def _check_pixel_store(request: ExtractRequest, spec: ModelSpec, img_size: int) -> None:
-    """A non-PIL decoder is only available through its pixel store: refuse to run without one
+def _find_pixels(request: ExtractRequest, spec: ModelSpec, img_size: int) -> str | None:
+    """The name of the subset's complete pixel store for this recipe and decoder, read instead of
+    decoding. A non-PIL decoder exists only through its store: without one the run is refused
     (decoding on the fly would silently give PIL's pixels)."""
     from tokenlake.extract._pixelstore import find_pixel_store
     from tokenlake.extract._preprocess import data_config
 
     cfg = data_config(meta_backbone(spec, img_size), img_size=img_size)
-    if find_pixel_store(request.lake, request.subset, cfg, decoder=request.decoder) is None:
+    found = find_pixel_store(request.lake, request.subset, cfg, decoder=request.decoder)
+    if found is None and request.decoder != "pil":
         raise ValueError(
             f"--decoder {request.decoder}: subset {request.subset!r} has no complete "
             f"{request.decoder} pixel store for {spec.alias} at {img_size} px. Build it first: "
             f"tokenlake pixels --lake {request.lake} --subset {request.subset} --model "
             f"{request.model} --img-size {img_size} --decoder {request.decoder}")
+    return found.name if found else None
 
 
 def _ttreg_neurons(lake: store.Lake, request: ExtractRequest, spec: ModelSpec,

@@ -163,31 +163,30 @@ class PixelStore:
 
     def read(self, position: int) -> tuple[np.ndarray | None, int, int, str | None]:
         """(pixels [S, S, 3] or None, width, height, reason) of one input position."""
-        step = self.recipe_cached["shard_size"]
-        pixels, meta = self._shard(position // step)
-        k = position % step
-        reason = meta.column("reason")[k].as_py()
-        w, h = meta.column("width")[k].as_py(), meta.column("height")[k].as_py()
-        return (None if reason is not None else np.array(pixels[k])), w, h, reason
+        pixels, size, (reason,) = self.read_many(np.array([position]))
+        return (None if reason is not None else pixels[0]), int(size[0, 0]), int(size[0, 1]), reason
 
     def read_many(self, positions: np.ndarray, out: np.ndarray | None = None
                   ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
-        """Input positions [n] of one shard -> (pixels [n, S, S, 3] (zeros for failed rows), the
-        original (width, height) [n, 2], reasons); copied into `out` when given (e.g. pinned)."""
+        """Input positions [n] -> (pixels [n, S, S, 3] (zeros for failed rows), the original
+        (width, height) [n, 2], reasons); copied into `out` when given (e.g. pinned memory)."""
+        side = self.recipe_cached["img_size"]
+        out = np.empty((positions.size, side, side, 3), np.uint8) if out is None else out
+        size = np.zeros((positions.size, 2), np.int64)
+        reasons: list[str | None] = []
         step = self.recipe_cached["shard_size"]
-        shard = int(positions[0]) // step
-        if (positions // step != shard).any():
-            raise ValueError("read_many: positions must lie in one shard")
-        pixels, meta = self._shard(shard)
-        k = positions - shard * step
-        contiguous = k.size and k[-1] - k[0] + 1 == k.size and (np.diff(k) == 1).all()
-        src = pixels[k[0]:k[-1] + 1] if contiguous else pixels[k]  # a view when contiguous
-        if out is None:
-            out = np.array(src)
-        else:
-            np.copyto(out, src)  # numpy releases the GIL: reader threads run in parallel
-        size = np.stack([meta.column("width").to_numpy()[k], meta.column("height").to_numpy()[k]], 1)
-        reasons = meta.column("reason").take(pa.array(k)).to_pylist()
+        cuts = np.flatnonzero(np.diff(positions // step)) + 1  # where the next shard begins
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, positions.size]):
+            shard = int(positions[lo]) // step
+            pixels, meta = self._shard(shard)
+            k = positions[lo:hi] - shard * step
+            in_order = (np.diff(k) == 1).all()
+            # a slice of the memory map when in order; numpy's copy releases the GIL, so reader
+            # threads run in parallel
+            np.copyto(out[lo:hi], pixels[k[0]:k[-1] + 1] if in_order else pixels[k])
+            size[lo:hi, 0] = meta.column("width").to_numpy()[k]
+            size[lo:hi, 1] = meta.column("height").to_numpy()[k]
+            reasons += meta.column("reason").take(pa.array(k)).to_pylist()
         return out, size, reasons
 
     @property
