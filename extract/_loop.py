@@ -140,7 +140,8 @@ class _Extractor:
         else:
             emb = self._gather(flight.out["tokens"], keep[image], token)  # [S, D]
         rows = [batch.rows[i] for i in keep]
-        copy = {k: np.array(v[keep]) for k, v in host.items() if k != "tokens"}  # off the buffers
+        # indexing with an array copies: the results no longer point into the reused buffers
+        copy = {k: v[keep] for k, v in host.items() if k != "tokens"}
         result = BatchResult(
             rows=rows, sizes=[batch.sizes[i] for i in keep], norm=copy["norm"],
             attn=copy["attn"], nbr_cos=copy["nbr_cos"], stored=stored,
