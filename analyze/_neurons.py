@@ -1,21 +1,49 @@
 """Register neurons from the lake, and the comparison of no / trained / test-time registers.
 
-**Ranking** (`tokenlake neurons`, `rank_neurons`). Input: a run extracted with ``--record-mlp``
-(image array ``mlp_acts`` [L, H, Np]: the hidden activation of every block's MLP — the input of
-``fc2`` — at every patch token, fp16) and the run's outlier patch tokens (norm above the
-``percentile`` quantile of its threshold run's patch norms; at 0.98 exactly the SQL ``outliers``
-view). Over all images, for every (block, neuron):
+**Ranking** (`tokenlake neurons`, `rank_neurons`), from the per-image statistics that a run
+extracted with ``--record-mlp`` stores (extract/_neuronstats.py). Notation: ``a`` = a neuron's
+activation, the input of ``blocks[l].mlp.fc2``; ``thr`` = the run's outlier threshold (98th
+percentile of its ``--outlier-ref`` run's final patch norms); ``O_d`` = an image's patch tokens
+whose block-``d`` output norm exceeds ``thr``; L blocks, Np patch tokens per image.
 
-    mean_outlier  = mean activation over outlier patch tokens
-    mean_normal   = mean activation over the other patch tokens
-    score         = mean_outlier - mean_normal       (the ranking key, activation units)
-    outlier_share = sum of max(a, 0) over outlier tokens / sum of max(a, 0) over all patch tokens
+``--method jiang`` (default): Jiang et al. 2025, github.com/nickjiang2378/test-time-registers,
+shared/algorithms.py ``find_register_neurons`` followed by the notebook's (register_neurons.ipynb)
+``filter_layers(register_neurons, highest_layer)``:
 
-A register neuron fires hard on the (few) outlier positions and not elsewhere, so its excess mean
-activation at outliers is large; the score is in activation units, as in Jiang et al. 2025 who rank
-neurons by their activation at outlier positions, so a weak neuron that merely correlates with the
-outliers ranks below one that carries their magnitude. Every neuron is ranked (rank 1 = highest
-score; ties by block, neuron) and stored in LAKE/neurons/<run>.parquet (SQL view ``neurons``).
+    detection block d   ``--detect-block``; default: the block where outlier norms first appear =
+                        the first block whose output norm, at the run's final outlier patch tokens
+                        (O_{L-1}, all images pooled; the ``outliers`` view), has a median (DuckDB
+                        ``median``, interpolated) above thr. Read from the ``blocks`` table.
+    images              I_d: the images with at least one token in O_d (theirs: ``continue``)
+    score[l, h]         mean over i in I_d of ( mean over p in O_d(i) of |a_i[l, h, p]| ) x s_i[l, h]
+    sparsity s_i[l, h]  ``--sparsity-filter on`` (default, as the notebook calls it): 1 if at least
+                        ``--sparsity-frac`` (0.5) of image i's patch tokens have a < 0.5, else 0;
+                        ``off``: 1. (their apply_sparsity_filter, sparsity_frac_threshold,
+                        sparsity_activation_threshold; the 0.5 activation level is fixed when
+                        extracting)
+    candidates          blocks <= ``--highest-block`` (default d; -1 = the last block, no limit)
+                        get a rank, 1 = highest score (ties: lower block, then lower neuron); the
+                        other rows keep their score, with rank NULL
+
+Why the limit: a neuron in a block after the outliers appear can only *respond* to them; moving it
+onto the extra token leaves the outliers in place. Without it such readers rank first.
+
+``--method contrast`` (this project's first score, kept for comparison): outliers of the last
+block, pooled over all images: score = mean a over O_{L-1} - mean a over the other patch tokens;
+d is the last block, no sparsity filter, no layer limit by default.
+
+Every row also has, at d: ``mean_abs_outlier`` / ``mean_abs_normal`` (pooled mean |a| over O_d /
+over the other patch tokens), ``outlier_share`` (sum of |a| over O_d / over all patch tokens),
+``sparse_share`` (share of I_d where the neuron passes the sparsity test). Each choice is a column
+(method, detect_block, highest_block, sparsity_filter) and, with the rest, the file's metadata.
+
+Deliberate differences from their code: (1) their outlier threshold is an absolute norm chosen per
+model (configs/dinov2_large.yaml: 150 at detect_outliers_layer -2, highest_layer 17); ours is the
+run's own threshold applied at the detection block, which is found from the data unless given;
+(2) their positions are any token above the threshold, CLS (and trained registers) included, and
+their sparsity test counts every token; ours are patch tokens only, as every tokenlake outlier;
+(3) they draw ``processed_image_cnt`` random files (unseeded ``random.sample``); ours are the run's
+subset, every image of it.
 
 **Comparison** (`registers`, a report section). Runs are grouped by (subset, model without
 ``_reg4``, image size, weights): the same images through the same network size. In each group:
@@ -41,15 +69,14 @@ from tokenlake import store
 from tokenlake.analyze import _plot
 from tokenlake.analyze._common import RunInfo, as_lake, out_dir, resolve_runs, save_table
 
-MLP_ARRAY = "mlp_acts"
+METHODS = ("jiang", "contrast")
+SPARSITY_FRAC = 0.5  # their sparsity_frac_threshold default
 
-_PATCH_OUTLIERS = """
-SELECT t.image_id, t.token, t.norm > th.threshold AS outlier
-FROM tokens AS t
-JOIN runs AS r ON r.run = t.run
-JOIN thresholds_at(?) AS th ON th.run = r.threshold_run
-WHERE t.run = ? AND t.kind = 'patch'
-ORDER BY t.image_id, t.token
+_MEDIANS = """
+SELECT b.block, median(b.norm) AS median
+FROM blocks AS b JOIN tokens AS t USING (run, image_id, token)
+WHERE t.run = ? AND t.kind = 'patch' AND t.norm > ?
+GROUP BY b.block ORDER BY b.block
 """
 
 
@@ -58,95 +85,212 @@ def _cfg(m: dict[str, Any], key: str) -> Any:
     return cfg.get(key) if isinstance(cfg, dict) else m.get(key)
 
 
-def neuron_scores(acts_batches, masks) -> dict[str, np.ndarray]:
-    """Accumulate the ranking statistics over image batches.
+def detection_block(medians: np.ndarray, threshold: float) -> int:
+    """The first block whose median output norm at the final outliers exceeds the threshold."""
+    above = np.flatnonzero(np.asarray(medians) > threshold)
+    if above.size == 0:
+        raise ValueError(f"no block's median norm at the final outliers exceeds {threshold}")
+    return int(above[0])
 
-    acts_batches: iterable of [n, L, H, Np] activations; masks: matching [n, Np] bool (outlier)."""
-    s_out = s_all = p_out = p_all = None
-    n_out = n_all = 0
-    for a, m in zip(acts_batches, masks):
-        a = np.asarray(a, np.float32)
-        w = np.asarray(m, np.float32)[:, None, None, :]
-        pos = np.maximum(a, 0)
-        terms = ((a * w).sum((0, 3)), a.sum((0, 3)), (pos * w).sum((0, 3)), pos.sum((0, 3)))
-        if s_out is None:
-            s_out, s_all, p_out, p_all = (t.astype(np.float64) for t in terms)
-        else:
-            s_out += terms[0]
-            s_all += terms[1]
-            p_out += terms[2]
-            p_all += terms[3]
-        n_out += int(np.asarray(m).sum())
-        n_all += int(np.asarray(m).size)
-    if s_out is None or n_out == 0:
-        raise ValueError("no outlier patch token in the run: nothing to rank neurons by")
-    n_norm = n_all - n_out
-    mean_out = s_out / n_out
-    mean_norm = (s_all - s_out) / n_norm if n_norm else np.zeros_like(s_out)
+
+def _block(value: int | None, depth: int, what: str) -> int | None:
+    """A block index; negative counts from the end (-1 = the last block), as theirs do."""
+    if value is None:
+        return None
+    if not -depth <= value < depth:
+        raise ValueError(f"{what} {value} is outside this model's blocks 0..{depth - 1}")
+    return value % depth
+
+
+def _sums(lk: store.Lake, run: str, ids: np.ndarray, d: int, n_patches: int, frac: float,
+          batch: int) -> dict[str, Any]:
+    """One pass over the run's statistics, at detection block d (module doc)."""
+    acc: dict[str, Any] = {}
+
+    def add(key, value):
+        acc[key] = acc.get(key, 0) + value
+
+    for lo in range(0, len(ids), batch):
+        chunk = ids[lo:lo + batch]
+        count = lk.image_array(run, "mlp_n_outlier", chunk)[:, d].astype(np.int64)  # [n]
+        mean = lk.image_array(run, "mlp_abs_outlier", chunk)[:, d].astype(np.float64)  # [n, L, H]
+        passes = lk.image_array(run, "mlp_n_below", chunk) >= frac * n_patches  # [n, L, H]
+        has = count > 0
+        add("score_filtered", (mean * passes)[has].sum(0))
+        add("score_plain", mean[has].sum(0))
+        add("n_pass", passes[has].sum(0))
+        add("n_images", int(has.sum()))
+        add("abs_outlier", np.einsum("n,nlh->lh", count.astype(np.float64), mean))
+        add("n_outlier", int(count.sum()))
+        add("abs_all", lk.image_array(run, "mlp_abs_sum", chunk).astype(np.float64).sum(0))
+        add("n_all", len(chunk) * n_patches)
+        add("sum_final", lk.image_array(run, "mlp_sum_final", chunk).astype(np.float64).sum(0))
+        add("sum_all", lk.image_array(run, "mlp_sum", chunk).astype(np.float64).sum(0))
+    return acc
+
+
+def _stats(acc: dict[str, Any], method: str, sparsity_filter: bool) -> dict[str, np.ndarray]:
+    n_out, n_img = acc["n_outlier"], acc["n_images"]
+    n_norm = acc["n_all"] - n_out
     with np.errstate(invalid="ignore", divide="ignore"):
-        share = np.where(p_all > 0, p_out / p_all, np.nan)
-    return {"score": mean_out - mean_norm, "mean_outlier": mean_out, "mean_normal": mean_norm,
-            "outlier_share": share, "n_outlier": n_out, "n_normal": n_norm}
+        share = np.where(acc["abs_all"] > 0, acc["abs_outlier"] / acc["abs_all"], np.nan)
+        # a difference of two float32-rounded sums: a neuron silent off the outliers comes out
+        # at +-1e-6, so clip the rounding below zero
+        mean_norm = np.maximum(acc["abs_all"] - acc["abs_outlier"], 0) / n_norm if n_norm else (
+            np.full_like(share, np.nan))
+    if method == "jiang":
+        score = acc["score_filtered" if sparsity_filter else "score_plain"] / n_img
+    else:  # pooled signed means; d is the last block, so sum_final is the sum over O_d
+        score = acc["sum_final"] / n_out - (
+            (acc["sum_all"] - acc["sum_final"]) / n_norm if n_norm else 0.0)
+    return {"score": score, "mean_abs_outlier": acc["abs_outlier"] / n_out,
+            "mean_abs_normal": mean_norm, "outlier_share": share,
+            "sparse_share": acc["n_pass"] / n_img}
 
 
-def rank_neurons(lake: Any, run: str, *, top: int = 10, percentile: float = 0.98,
+def rank_neurons(lake: Any, run: str, *, method: str = "jiang", detect_block: int | None = None,
+                 highest_block: int | None = None, sparsity_filter: bool | None = None,
+                 sparsity_frac: float = SPARSITY_FRAC, top: int = 10,
                  out: str | Path | None = None, batch: int = 8) -> dict[str, Any]:
-    """Rank every MLP neuron of a --record-mlp run (see the module doc), write the ranking to the
-    lake and a figure (neurons_<run>.png in `out`, default LAKE/analysis)."""
+    """Rank every MLP neuron of a --record-mlp run (module doc); write the ranking to the lake
+    and a figure (neurons_<run>.png in `out`, default LAKE/analysis)."""
     lk = as_lake(lake)
     m = lk.manifest(run)
-    if MLP_ARRAY not in lk.layout(run).arrays:
-        raise ValueError(f"run {run!r} has no MLP activations: extract it with --record-mlp")
-    t = lk.sql(_PATCH_OUTLIERS, params=[float(percentile), run])
-    ids_all = t.column("image_id").to_numpy()
-    flags = t.column("outlier").to_numpy(zero_copy_only=False).astype(bool)
-    ids = np.unique(ids_all)
-    n_patch = len(ids_all) // max(len(ids), 1)
-    mask = flags.reshape(len(ids), n_patch)  # rows ordered by image, patches by token
-    chunks = [slice(i, i + batch) for i in range(0, len(ids), batch)]
-    stats = neuron_scores((lk.image_array(run, MLP_ARRAY, ids[c]) for c in chunks),
-                          (mask[c] for c in chunks))
-    depth, hidden = stats["score"].shape
-    block, neuron = np.meshgrid(np.arange(depth), np.arange(hidden), indexing="ij")
-    score = stats["score"].ravel()
-    order = np.lexsort((neuron.ravel(), block.ravel(), -score))
-    rank = np.empty(score.size, np.int32)
-    rank[order] = np.arange(1, score.size + 1)
-    table = pa.table({
-        "run": [run] * score.size, "rank": rank, "block": block.ravel().astype(np.int16),
-        "neuron": neuron.ravel().astype(np.int32), "score": score,
-        "mean_outlier": stats["mean_outlier"].ravel(), "mean_normal": stats["mean_normal"].ravel(),
-        "outlier_share": stats["outlier_share"].ravel(),
-        "n_outlier": np.full(score.size, stats["n_outlier"], np.int64),
-        "n_normal": np.full(score.size, stats["n_normal"], np.int64),
-    }).take(pa.array(order))
-    meta = {"definition": "score = mean activation at outlier patch tokens - mean at the other "
-                          "patch tokens (fc2 input of each block's MLP)",
-            "percentile": percentile, "threshold_run": _cfg(m, "outlier_ref") or run,
+    arrays = lk.layout(run).arrays
+    if "mlp_abs_outlier" not in arrays:
+        raise ValueError(f"run {run!r} has no register-neuron statistics: extract it with "
+                         "--record-mlp --outlier-ref RUN")
+    if method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    depth = arrays["mlp_abs_outlier"].shape[0]
+    threshold = float(_cfg(m, "threshold"))
+    last = depth - 1
+    det, high = _block(detect_block, depth, "--detect-block"), _block(highest_block, depth,
+                                                                       "--highest-block")
+    medians = lk.sql(_MEDIANS, params=[run, threshold]).column("median").to_numpy()
+    if method == "contrast":
+        if det not in (None, last) or sparsity_filter:
+            raise ValueError("--method contrast compares the last block's outliers with the other "
+                             "patches: no --detect-block and no sparsity filter")
+        det, rule, sparsity_filter = last, "the last block (contrast)", False
+    elif det is None:
+        if medians.size != depth:
+            raise ValueError(f"run {run!r} has no outlier patch token (threshold {threshold}) or "
+                             "no per-block norms: nothing to find the detection block from")
+        det, rule = detection_block(medians, threshold), "first block with median norm > threshold"
+    else:
+        rule = "--detect-block"
+    high = (last if method == "contrast" else det) if high is None else high
+    sparsity_filter = True if sparsity_filter is None else sparsity_filter
+    if not 0 < sparsity_frac <= 1:
+        raise ValueError(f"--sparsity-frac must be in (0, 1], not {sparsity_frac}")
+    ids = lk.sql("SELECT image_id FROM images WHERE run = ? ORDER BY image_id",
+                 params=[run]).column(0).to_numpy()
+    acc = _sums(lk, run, ids, det, _patches(lk, run), sparsity_frac, batch)
+    if acc.get("n_outlier", 0) == 0:
+        raise ValueError(f"no outlier patch token at block {det} in run {run!r}: nothing to rank "
+                         "neurons by")
+    stats = _stats(acc, method, sparsity_filter)
+    table = _table(run, stats, method=method, detect=det, highest=high,
+                   sparsity_filter=sparsity_filter, acc=acc)
+    act = (_cfg(m, "record_mlp") or {}).get("sparsity_activation_threshold")
+    meta = {"method": method, "definition": _DEFINITIONS[method], "detect_block": det,
+            "detect_block_rule": rule, "median_norm_at_final_outliers": medians.tolist(),
+            "highest_block": high, "sparsity_filter": sparsity_filter,
+            "sparsity_frac_threshold": sparsity_frac if sparsity_filter else None,
+            "sparsity_activation_threshold": act if sparsity_filter else None,
+            "threshold": threshold, "threshold_run": _cfg(m, "outlier_ref"), "percentile": 0.98,
+            "n_images": acc["n_images"], "tokens": "patch",
             "model": m.get("timm_name"), "weights_sha256": m.get("weights_sha256")}
     path = store.write_neurons(lk.path, run, table, meta=meta)
     fig = out_dir(lk, out) / f"neurons_{run}.png"
-    _draw_ranking(stats["score"], table.slice(0, top), fig, run, bool(m.get("random_weights")))
-    return {"path": str(path), "figure": str(fig), "table": table,
-            "n_outlier": stats["n_outlier"], "n_normal": stats["n_normal"],
-            "top": table.slice(0, top).to_pylist()}
+    ranked = table.filter(table.column("rank").is_valid())
+    _draw_ranking(stats["score"], ranked.slice(0, top), fig, run, bool(m.get("random_weights")),
+                  method=method, detect=det, highest=high)
+    return {"path": str(path), "figure": str(fig), "table": table, "meta": meta,
+            "n_outlier": acc["n_outlier"], "n_normal": acc["n_all"] - acc["n_outlier"],
+            "n_images": acc["n_images"], "top": ranked.slice(0, top).to_pylist()}
 
 
-def _draw_ranking(score: np.ndarray, top: pa.Table, path: Path, run: str, random: bool) -> None:
+_DEFINITIONS = {
+    "jiang": "score = mean over images with outliers at detect_block of (mean |a| at those patch "
+             "outliers x sparsity flag); a = fc2 input of each block's MLP (Jiang et al. 2025, "
+             "find_register_neurons)",
+    "contrast": "score = mean a at the last block's outlier patch tokens - mean a at the other "
+                "patch tokens, pooled over images; a = fc2 input of each block's MLP",
+}
+
+
+def _patches(lk: store.Lake, run: str) -> int:
+    return int(lk.sql("SELECT count(*) FROM tokens WHERE run = ? AND kind = 'patch' AND "
+                      "image_id = (SELECT min(image_id) FROM images WHERE run = ?)",
+                      params=[run, run]).column(0)[0].as_py())
+
+
+def _table(run: str, stats: dict[str, np.ndarray], *, method: str, detect: int, highest: int,
+           sparsity_filter: bool, acc: dict[str, Any]) -> pa.Table:
+    """One row per (block, neuron): candidates by rank, then the others by score."""
+    depth, hidden = stats["score"].shape
+    block, neuron = (g.ravel() for g in np.meshgrid(np.arange(depth), np.arange(hidden),
+                                                    indexing="ij"))
+    score = stats["score"].ravel()
+    cand = block <= highest
+    order = np.lexsort((neuron, block, -score, ~cand))  # candidates first, then by score
+    rank = np.zeros(score.size, np.int64)
+    rank[order] = np.arange(1, score.size + 1)
+    n = score.size
+    return pa.table({
+        "run": [run] * n, "method": [method] * n,
+        "detect_block": np.full(n, detect, np.int16), "highest_block": np.full(n, highest, np.int16),
+        "sparsity_filter": np.full(n, sparsity_filter),
+        "rank": pa.array(rank.astype(np.int32), mask=~cand), "block": block.astype(np.int16),
+        "neuron": neuron.astype(np.int32), "score": score,
+        **{k: stats[k].ravel() for k in ("mean_abs_outlier", "mean_abs_normal", "outlier_share",
+                                         "sparse_share")},
+        "n_images": np.full(n, acc["n_images"], np.int64),
+        "n_outlier": np.full(n, acc["n_outlier"], np.int64),
+        "n_normal": np.full(n, acc["n_all"] - acc["n_outlier"], np.int64),
+    }).take(pa.array(order))
+
+
+def _draw_ranking(score: np.ndarray, top: pa.Table, path: Path, run: str, random: bool, *,
+                  method: str, detect: int, highest: int) -> None:
     depth, hidden = score.shape
     with _plot.style():
-        fig, ax = _plot.plt.subplots(figsize=(max(6.0, 0.45 * depth + 3), 4.0))
+        fig, ax = _plot.plt.subplots(figsize=(max(6.0, 0.45 * depth + 3) + 2.4, 4.0))
         x = np.arange(depth)[:, None] + 0.8 * (np.arange(hidden)[None, :] / max(hidden, 1)) - 0.4
-        ax.scatter(x.ravel(), score.ravel(), s=4, color="#1f77b4", alpha=0.5, lw=0)
+        cand = np.arange(depth)[:, None] <= highest
+        ax.scatter(x[~cand.repeat(hidden, 1)], score[~cand.repeat(hidden, 1)], s=4,
+                   color="#bbbbbb", lw=0, label=f"blocks > {highest}: not candidates")
+        ax.scatter(x[cand.repeat(hidden, 1)], score[cand.repeat(hidden, 1)], s=4,
+                   color="#1f77b4", alpha=0.5, lw=0, label=f"candidates (blocks <= {highest})")
+        ax.axvspan(detect - 0.5, detect + 0.5, color="#d62728", alpha=0.08, lw=0,
+                   label=f"detection block {detect}")
+        ax.axvline(highest + 0.5, color="#d62728", ls=":", lw=1, label="last candidate block")
+        listing = []  # the top neurons named in a box: labels beside close points overlap
         for r in top.to_pylist():
             xi = r["block"] + 0.8 * r["neuron"] / hidden - 0.4
             ax.scatter([xi], [r["score"]], s=18, color="#d62728")
-            ax.annotate(f"#{r['rank']} b{r['block']}:n{r['neuron']}", (xi, r["score"]),
-                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(f"{r['rank']}", (xi, r["score"]), fontsize=6, color="#d62728",
+                        xytext=(3, 2), textcoords="offset points")
+            listing.append(f"#{r['rank']:<3} block {r['block']:>2} neuron {r['neuron']:<5} "
+                           f"{r['score']:.3g}")
+        if listing:
+            ax.text(1.01, 1.0, "top neurons\n" + "\n".join(listing), transform=ax.transAxes,
+                    va="top", ha="left", fontsize=7, family="monospace")
+        if highest < depth - 1:  # the best neuron the layer limit leaves out, for comparison
+            b, n = np.unravel_index(np.argmax(score[highest + 1:]), score[highest + 1:].shape)
+            b += highest + 1
+            xi = b + 0.8 * n / hidden - 0.4
+            ax.scatter([xi], [score[b, n]], s=18, color="#777777")
+            ax.annotate(f"best left out: b{b}:n{n}", (xi, score[b, n]), fontsize=7,
+                        color="#777777", xytext=(3, 3), textcoords="offset points")
         ax.set_xticks(range(depth))
         ax.set_xlabel("block (neurons spread within the block's column)")
-        ax.set_ylabel("score: mean act. at outliers − at normal patches")
-        title = f"Register-neuron ranking of {run}"
+        ax.set_ylabel("score: mean |act.| at outliers (Jiang et al.)" if method == "jiang"
+                      else "mean act. at outliers − at other patches")
+        ax.legend(frameon=False, fontsize=7, loc="lower left", bbox_to_anchor=(1.0, 0.0))
+        title = f"Register-neuron ranking of {run} ({method})"
         ax.set_title(("RANDOM WEIGHTS — " if random else "") + title,
                      color=_plot.RANDOM if random else "black")
         fig.tight_layout()
@@ -295,7 +439,7 @@ def _draw_hists(hists, path: Path, infos: list[RunInfo]) -> None:
             ax.set_xlabel("patch-token norm (pre final norm)")
             ax.set_ylabel("patch tokens")
             ax.set_title(label, fontsize=9)
-            ax.legend(frameon=False, fontsize=7)
+            ax.legend(frameon=False, fontsize=7, loc="lower left", bbox_to_anchor=(1.0, 0.0))
         _plot.suptitle(fig, "Patch norms: no / trained / test-time registers", infos)
         _plot.layout(fig, infos)
         _plot.save(fig, path)

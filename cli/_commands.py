@@ -69,8 +69,9 @@ def extract(args: argparse.Namespace) -> int:
         blocks=args.blocks == "all", batch_size=args.batch_size, shard_size=args.shard_size,
         device=args.device, decode_workers=args.decode_workers, workers=args.workers,
         executor=args.executor, slurm=_slurm_options(args), quiet=args.quiet,
-        record_mlp=args.record_mlp, test_time_registers=args.test_time_registers,
-        decoder=args.decoder,
+        record_mlp=args.record_mlp, mlp_acts=args.mlp_acts,
+        test_time_registers=args.test_time_registers,
+        decoder=args.decoder, preprocess=args.preprocess, precision=args.precision,
     )
     manifest = run_extraction(request, log=lambda text: _say(args, text))
     totals = manifest
@@ -92,7 +93,8 @@ def pixels(args: argparse.Namespace) -> int:
     spec = resolve_model(args.model)
     px = args.img_size or spec.img_size
     model = meta_backbone(spec, px)  # only the model's preprocessing recipe is needed
-    built = build_pixel_store(str(args.lake), args.subset, data_config(model, img_size=px),
+    cfg = data_config(model, img_size=px, preprocess=args.preprocess)
+    built = build_pixel_store(str(args.lake), args.subset, cfg,
                               shard_size=args.shard_size, workers=args.workers, quiet=args.quiet,
                               decoder=args.decoder, device=args.device)
     also = "" if args.decoder == "pil" else f" with --decoder {args.decoder}"
@@ -104,10 +106,19 @@ def pixels(args: argparse.Namespace) -> int:
 def neurons(args: argparse.Namespace) -> int:
     from tokenlake.analyze._neurons import rank_neurons
 
-    res = rank_neurons(args.lake, args.run, top=args.top, percentile=args.percentile, out=args.out)
-    print(f"neurons of run {args.run}: {res['n_outlier']} outlier / {res['n_normal']} normal patch "
-          f"tokens -> {res['path']} (figure {res['figure']})")
-    _print_table(res["table"].slice(0, args.top), max_rows=args.top)
+    sparsity = None if args.sparsity_filter is None else args.sparsity_filter == "on"
+    res = rank_neurons(args.lake, args.run, method=args.method, detect_block=args.detect_block,
+                       highest_block=args.highest_block, sparsity_filter=sparsity,
+                       sparsity_frac=args.sparsity_frac, top=args.top, out=args.out)
+    meta = res["meta"]
+    print(f"neurons of run {args.run} ({meta['method']}): outliers at block "
+          f"{meta['detect_block']} ({meta['detect_block_rule']}), {res['n_outlier']} outlier / "
+          f"{res['n_normal']} normal patch tokens in {res['n_images']} images with outliers; "
+          f"candidates: blocks <= {meta['highest_block']}; sparsity filter "
+          f"{'on' if meta['sparsity_filter'] else 'off'} -> {res['path']} (figure {res['figure']})")
+    cols = ["rank", "block", "neuron", "score", "mean_abs_outlier", "mean_abs_normal",
+            "outlier_share", "sparse_share"]
+    _print_table(res["table"].select(cols).slice(0, args.top), max_rows=args.top)
     return 0
 
 

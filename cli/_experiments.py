@@ -29,7 +29,7 @@ from tokenlake.extract._models import meta_backbone
 from tokenlake.extract._pixelstore import build_pixel_store, find_pixel_store
 
 # Bare bf16 forward throughput on one H200 (random weights, same FLOPs as pretrained), measured
-# 2026-11 (shared/DESIGN.md). Other models are scaled by parameters x tokens within their family.
+# 2026-11 (docs/MODELS.md). Other models are scaled by parameters x tokens within their family.
 # A GPU bench results file replaces them for the (model, px) pairs it measured (`Rates`).
 ANCHORS = {  # (alias, px): img/s
     ("dinov2_s", 518): 2347, ("dinov2_g_reg4", 518): 108, ("dinov2_g", 224): 636,
@@ -56,14 +56,18 @@ class RunSpec:
     blocks: str = "none"
     normals_per_image: int = 4
     weights: str = "pretrained"
-    record_mlp: bool = False  # then `tokenlake neurons` ranks this run's MLP neurons
+    record_mlp: bool = False  # register-neuron statistics (needs outlier_ref); then ranked
+    mlp_acts: bool = False  # with record_mlp: the raw activations too (tiny subsets only)
+    neurons: dict = field(default_factory=dict)  # options of that `tokenlake neurons` step
     test_time_registers: str | None = None  # "RUN:K", RUN a record_mlp run of this file
+    preprocess: str = "model"  # "dinov2-eval": DINOv2's official evaluation recipe (Table 4)
+    precision: str | None = None  # "fp32" | "bf16"; default bf16 on a GPU, fp32 on the CPU
 
     def name(self) -> str:
         spec = resolve_model(self.model)
         weights = resolve_weights(self.weights)
         return self.run or default_run_name(spec, self.img_size or spec.img_size, self.subset,
-                                            weights)
+                                            weights, preprocess=self.preprocess)
 
 
 @dataclass
@@ -265,9 +269,24 @@ def estimate(exp: Experiment, run: RunSpec, lake: store.Lake | None,
     stored = {"all": tokens, "summary": 0, "sample": 1 + 4 + run.normals_per_image + 0.02 * tokens}
     row_bytes = dim * 2 + cell * cell * 3
     disk = n * (stored[run.policy] * row_bytes + tokens * PARQUET_BYTES_PER_TOKEN + 3 * dim * 4)
+    if run.record_mlp:
+        disk += n * _mlp_bytes(run.model, px, run.mlp_acts)
     return {"run": run.name(), "px": px, "policy": run.policy, "images": n, "processed": processed,
             "gpu_s": processed / images_per_second(run.model, px, run.policy, rates),
             "disk": disk}
+
+
+@functools.cache
+def _mlp_bytes(alias: str, px: int, acts: bool) -> int:
+    """Per image: a --record-mlp run's statistics (and raw activations) plus its blocks table."""
+    from tokenlake.extract._neuronstats import mlp_specs
+
+    model = meta_backbone(resolve_model(alias), px)
+    depth, hidden = len(model.blocks), int(model.blocks[0].mlp.fc2.in_features)
+    _, tokens, _, _ = _cost(alias, px)
+    gh, gw = model.patch_embed.grid_size
+    specs = mlp_specs(depth, hidden, gh * gw, acts=acts)
+    return sum(s.row_bytes for s in specs.values()) + depth * tokens * PARQUET_BYTES_PER_TOKEN
 
 
 def _keep_share(lake: store.Lake | None, ref: str | None) -> float:
@@ -339,11 +358,13 @@ def execute(exp: Experiment, *, lake: Path, device: str | None, quiet: bool, log
             lake=str(lake), model=run.model, subset=run.subset, policy=run.policy,
             weights=run.weights, img_size=run.img_size, run=run.name(), outlier_ref=run.outlier_ref,
             normals_per_image=run.normals_per_image, keep_if_outlier=run.keep_if_outlier, n=run.n,
-            blocks=run.blocks == "all", record_mlp=run.record_mlp,
-            test_time_registers=run.test_time_registers, device=device, quiet=quiet), log=log)
+            blocks=run.blocks == "all", record_mlp=run.record_mlp, mlp_acts=run.mlp_acts,
+            test_time_registers=run.test_time_registers, preprocess=run.preprocess,
+            precision=run.precision, device=device, quiet=quiet), log=log)
         log(f"run {manifest['run']}: {manifest['n_images']} images")
         if run.record_mlp:  # rank its neurons now: a test-time-registers run may need them next
-            _step("neurons", {"run": manifest["run"]}, lake=lake, quiet=quiet, log=log)
+            _step("neurons", {"run": manifest["run"], **run.neurons}, lake=lake, quiet=quiet,
+                  log=log)
     for entry in exp.analyses:
         _step("analyze", entry, lake=lake, quiet=quiet, log=log)
     for entry in exp.probes:

@@ -22,8 +22,8 @@ class StoreSpec:
 
 
 @functools.cache
-def _config(alias: str, px: int) -> DataConfig:
-    return data_config(meta_backbone(resolve_model(alias), px), img_size=px)
+def _config(alias: str, px: int, preprocess: str) -> DataConfig:
+    return data_config(meta_backbone(resolve_model(alias), px), img_size=px, preprocess=preprocess)
 
 
 def pixel_options(raw: dict, where: str) -> dict:
@@ -47,7 +47,8 @@ def shared_stores(runs, *, min_runs: int) -> list[StoreSpec]:
     for run in runs:
         if run.keep_if_outlier:
             continue
-        cfg = _config(run.model, run.img_size or resolve_model(run.model).img_size)
+        cfg = _config(run.model, run.img_size or resolve_model(run.model).img_size,
+                      run.preprocess)
         key = (run.subset, cfg.img_size, cfg.interpolation, cfg.crop_pct, cfg.crop_mode)
         groups.setdefault(key, []).append((run, cfg))
     return [StoreSpec(members[0][0].subset, members[0][1], tuple(r.name() for r, _ in members))

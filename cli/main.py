@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from tokenlake.cli import _analyze_cmd, _commands, _probe_cmd
+from tokenlake.extract._preprocess import PREPROCESS
 from tokenlake.extract._tvdecode import DECODERS
 
 
@@ -78,8 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slurm-array-parallelism", type=int, default=None,
                    help="SLURM tasks running at once (default: all)")
     p.add_argument("--record-mlp", action="store_true",
-                   help="ViTs: also store every block's MLP hidden activation at every patch token "
-                        "(fp16 array mlp_acts, L x H x patches per image: tiny subsets only)")
+                   help="ViTs: also store per-image register-neuron statistics (mlp_* arrays, "
+                        "what `tokenlake neurons` ranks; ~11 MB per image for DINOv2-L at 518 px). "
+                        "Needs --outlier-ref (its threshold decides outliers at every block); "
+                        "implies --blocks all")
+    p.add_argument("--mlp-acts", action="store_true",
+                   help="with --record-mlp: also store every block's raw MLP activation at every "
+                        "patch token (fp16 array mlp_acts, L x H x patches per image: ~270 MB for "
+                        "DINOv2-L at 518 px; tiny subsets only)")
     p.add_argument("--test-time-registers", default=None, metavar="RUN:K",
                    help="ViTs: add one zero token (kind ttreg) and move RUN's top-K register "
                         "neurons' activations onto it (see `tokenlake neurons`); K=0 adds the token only")
@@ -87,16 +94,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="whose decoded pixels: 'pil' (default; a PIL pixel store if built, else "
                         "decoded on the fly) or 'torchvision' (reads the subset's torchvision "
                         "pixel store, which `tokenlake pixels --decoder torchvision` builds)")
+    p.add_argument("--preprocess", choices=PREPROCESS, default="model",
+                   help="input recipe: 'model' (timm's eval resize/crop for the model) or "
+                        "'dinov2-eval' (DINOv2's official linear evaluation: resize 256 bicubic, "
+                        "centre crop 224, at --img-size 224)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="dtype the blocks run in: fp32, or bf16 autocast (default: bf16 on a "
+                        "GPU, fp32 on the CPU); recorded as the run's compute_dtype")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_commands.extract)
 
-    p = sub.add_parser("neurons", help="rank MLP neurons of a --record-mlp run by how much their "
-                                       "activation concentrates on its outlier tokens")
+    p = sub.add_parser("neurons", help="rank the MLP neurons of a --record-mlp run as register "
+                                       "neurons (Jiang et al. 2025; analyze/_neurons.py)")
     _lake(p)
     p.add_argument("--run", required=True, help="a run extracted with --record-mlp")
+    p.add_argument("--method", choices=["jiang", "contrast"], default="jiang",
+                   help="'jiang': mean |activation| at the detection block's outlier patches, "
+                        "averaged over images, blocks up to --highest-block (their "
+                        "find_register_neurons); 'contrast': mean activation at the last block's "
+                        "outliers minus elsewhere, every block")
+    p.add_argument("--detect-block", type=int, default=None,
+                   help="block whose output norms (> the run's threshold) mark the outlier "
+                        "positions; negative counts from the end (default: the first block whose "
+                        "median norm at the final outliers exceeds the threshold)")
+    p.add_argument("--highest-block", type=int, default=None,
+                   help="only neurons of blocks up to this one are ranked (default: the detection "
+                        "block; -1 = the last block, no limit)")
+    p.add_argument("--sparsity-filter", choices=["on", "off"], default=None,
+                   help="jiang: score an image's neuron only if >= --sparsity-frac of its patches "
+                        "have activation < 0.5 (default on, as their notebook)")
+    p.add_argument("--sparsity-frac", type=float, default=0.5,
+                   help="the sparsity filter's share of patches (their sparsity_frac_threshold)")
     p.add_argument("--top", type=int, default=10, help="neurons printed and labelled in the figure")
-    p.add_argument("--percentile", type=float, default=0.98,
-                   help="outliers: patch norm above this quantile of the threshold run's patch norms")
     p.add_argument("--out", type=Path, default=None, help="figure folder (default LAKE/analysis)")
     p.set_defaults(func=_commands.neurons)
 
@@ -118,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "pixels differ by a few grey levels; extract with the same --decoder")
     p.add_argument("--device", default=None,
                    help="with --decoder torchvision: cuda, cuda:1, cpu (default: cuda if present)")
+    p.add_argument("--preprocess", choices=PREPROCESS, default="model",
+                   help="input recipe whose pixels to store (as extract --preprocess)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_commands.pixels)
 

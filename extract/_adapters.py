@@ -10,9 +10,10 @@ An adapter installs forward hooks once and returns, per batch, a dict of device 
     cls_post    [B, D]      CLS after the final norm (Swin/PVT: average-pooled final-norm token)
     patch_mean_post [B, D]  mean of patch tokens after the final norm
     registers_post [B, R, D] (ViT with registers only)
-    mlp_acts    [B, L, H, Np] (ViT, record_mlp=True) fp16 MLP hidden activation at patch tokens
+    mlp_*       (ViT, record_mlp=MlpRecord) per-image register-neuron statistics and, on
+                request, mlp_acts [B, L, H, Np] fp16 MLP hidden activations (extract/_neuronstats.py)
     block_norm  [B, L, T]   (blocks=True) output norm of every block
-    qkv_norm    [B, 3, T]   (blocks=True) q, k, v norms of the last block
+    qkv_norm    [B, L, 3, T] (blocks=True) q, k, v norms of every block
 
 Attention is recomputed from q and k in fp32: timm's fused kernels never form probabilities.
 """
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tokenlake.extract._neuronstats import ACTS, MlpRecord, neuron_stats, raw_acts
+
 
 @dataclass(frozen=True)
 class TokenLayout:
@@ -33,11 +36,15 @@ class TokenLayout:
     n_reg: int
     grid: tuple[int, int]  # output patch grid (rows, cols)
     cell: int  # input pixels per token side
-    pixel_offset: int  # top-left pixel of token (0, 0)'s cell; PVT's tokens sit half a cell up-left
+    pixel_offset: int  # top-left pixel of the stored cell of token (0, 0): 0, the aligned cell
     embed_dim: int
     depth: int  # blocks recorded by --blocks all
     n_ttreg: int = 0  # test-time register (kind 'ttreg'), after cls and trained registers
     mlp_hidden: int = 0  # MLP hidden neurons per block when recorded (--record-mlp), else 0
+    mlp_acts: bool = False  # --mlp-acts: the raw MLP activations are stored too
+    # where the token's receptive field is centred, relative to its aligned cell: PVT-v2's
+    # overlapping convolutions centre token (i, j) on pixel (32i, 32j), half a cell up-left
+    rf_offset: int = 0
 
     @property
     def n_prefix(self) -> int:
@@ -121,11 +128,16 @@ class Adapter:
 
 
 class ViTAdapter(Adapter):
-    def __init__(self, model, *, img_size: int, blocks: bool, record_mlp: bool = False,
+    def __init__(self, model, *, img_size: int, blocks: bool, record_mlp: MlpRecord | None = None,
                  ttreg: list[tuple[int, int]] | None = None) -> None:
-        """record_mlp: also return ``mlp_acts``. ttreg: None = no test-time register (the model is
-        untouched); a list of (block, neuron) = insert one (extra/_ttreg.py) moving those neurons."""
+        """record_mlp: also return the register-neuron statistics (and the raw activations when
+        ``record_mlp.acts``); needs blocks=True, whose output norms decide the outliers. ttreg:
+        None = no test-time register (the model is untouched); a list of (block, neuron) = insert
+        one (extract/_ttreg.py) moving those neurons."""
         super().__init__(model, img_size=img_size, blocks=blocks)
+        if record_mlp is not None and not blocks:
+            raise ValueError("record_mlp needs blocks=True: its outliers are decided at every "
+                             "block's output norm")
         if not hasattr(model.blocks[-1].attn, "qkv"):
             raise ValueError(f"{type(model.blocks[-1].attn).__name__} has no fused qkv projection")
         patch = model.patch_embed.patch_size[0]
@@ -143,6 +155,7 @@ class ViTAdapter(Adapter):
             cell=patch, pixel_offset=0, embed_dim=model.embed_dim, depth=len(model.blocks),
             n_ttreg=0 if ttreg is None else 1,
             mlp_hidden=int(model.blocks[0].mlp.fc2.in_features) if record_mlp else 0,
+            mlp_acts=bool(record_mlp and record_mlp.acts),
         )
         self.hooks.input(model.norm, "pre")
         self.hooks.output(model.patch_embed, "embed")
@@ -150,7 +163,9 @@ class ViTAdapter(Adapter):
         if blocks:
             for i, block in enumerate(model.blocks):
                 self.hooks.output(block, f"block{i}")
-        if record_mlp:
+                if i < len(model.blocks) - 1:  # the last block's qkv is hooked above
+                    self.hooks.output(block.attn.qkv, f"qkv{i}")
+        if record_mlp is not None:
             for i, block in enumerate(model.blocks):
                 self.hooks.input(block.mlp.fc2, f"mlp{i}")
 
@@ -159,8 +174,9 @@ class ViTAdapter(Adapter):
         if self.ttreg is not None:
             self.ttreg.close()
 
-    def _q_k_v(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        attn = self.model.blocks[-1].attn
+    def _q_k_v(self, qkv: torch.Tensor, block: int = -1
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        attn = self.model.blocks[block].attn
         b, t, _ = qkv.shape
         q, k, v = qkv.reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x [B, h, T, hd]
         return attn.q_norm(q), attn.k_norm(k), v
@@ -190,14 +206,18 @@ class ViTAdapter(Adapter):
         }
         if lay.n_reg:
             out["registers_post"] = post[:, lay.n_cls:lay.n_cls + lay.n_reg].float()
-        if self.record_mlp:  # [B, L, H, Np]: what each block's fc2 received at the patch tokens
-            acts = [self.hooks.pop(f"mlp{i}")[:, lay.n_prefix:] for i in range(lay.depth)]
-            out["mlp_acts"] = torch.stack(acts, 1).transpose(2, 3).to(torch.float16)
         if self.blocks:
             norms = [self.hooks.pop(f"block{i}").float().norm(dim=-1) for i in range(lay.depth)]
             out["block_norm"] = torch.stack(norms, 1)  # [B, L, T]
-            qkv_norm = [t.transpose(1, 2).flatten(2).float().norm(dim=-1) for t in (q, k, v)]
-            out["qkv_norm"] = torch.stack(qkv_norm, 1)  # [B, 3, T]
+            per_block = [self._q_k_v(self.hooks.pop(f"qkv{i}"), i) for i in range(lay.depth - 1)]
+            out["qkv_norm"] = torch.stack([  # [B, L, 3, T], over all heads (q, k after q/k_norm)
+                torch.stack([t.transpose(1, 2).flatten(2).float().norm(dim=-1) for t in qkv], 1)
+                for qkv in [*per_block, (q, k, v)]], 1)
+        if self.record_mlp is not None:  # after block_norm, which decides the outliers
+            acts = [self.hooks.pop(f"mlp{i}") for i in range(lay.depth)]  # L x [B, T, H]
+            if self.record_mlp.acts:
+                out[ACTS] = raw_acts(acts, lay.n_prefix)  # [B, L, H, Np] fp16
+            out.update(neuron_stats(acts, out["block_norm"], lay.n_prefix, self.record_mlp))
         return out
 
 
@@ -262,8 +282,8 @@ class PVTAdapter(Adapter):
         stage = model.stages[-1]
         self.attn = stage.blocks[-1].attn
         self.layout = TokenLayout(
-            family="pvt", n_cls=0, n_reg=0, grid=(side, side), cell=32, pixel_offset=-16,
-            embed_dim=model.num_features, depth=len(model.stages),
+            family="pvt", n_cls=0, n_reg=0, grid=(side, side), cell=32, pixel_offset=0,
+            embed_dim=model.num_features, depth=len(model.stages), rf_offset=-16,
         )
         # forward_intermediates gives post-norm features: the final norm sits inside stages[-1]
         self.hooks.input(stage.norm, "pre")
@@ -299,12 +319,13 @@ class PVTAdapter(Adapter):
 
 
 def make_adapter(model: torch.nn.Module, *, img_size: int, blocks: bool = False,
-                 record_mlp: bool = False, ttreg: list[tuple[int, int]] | None = None) -> Adapter:
+                 record_mlp: MlpRecord | None = None,
+                 ttreg: list[tuple[int, int]] | None = None) -> Adapter:
     name = type(model).__name__
     if name == "VisionTransformer":
         return ViTAdapter(model, img_size=img_size, blocks=blocks, record_mlp=record_mlp,
                           ttreg=ttreg)
-    if record_mlp or ttreg is not None:
+    if record_mlp is not None or ttreg is not None:
         raise ValueError("--record-mlp and --test-time-registers are implemented for ViTs only")
     if name == "SwinTransformerV2":
         return SwinAdapter(model, img_size=img_size, blocks=blocks)

@@ -55,7 +55,10 @@ def _manifest(p: Plan, started: float, timing: dict) -> dict:
         "weights_sha256": p.weights.sha256, "random_weights": p.weights.is_random,
         "params": sum(t.numel() for t in model.parameters()),
         "token_layout": asdict(meta_layout(p)),
-        "data_config": data_config(model, img_size=p.img_size).to_dict(),
+        "native_img_size": p.spec.img_size,  # the alias's (the paper's) resolution
+        "data_config": data_config(model, img_size=p.img_size,
+                                   preprocess=req.preprocess).to_dict(),
+        "preprocess": req.preprocess,
         "subset_info": p.subset_meta, "policy": req.policy, "outlier_ref": req.outlier_ref,
         "threshold": p.threshold,
         "threshold_source": f"98th percentile of patch norms in {req.outlier_ref}"

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from tokenlake import store
 from tokenlake.extract._adapters import Adapter, make_adapter
+from tokenlake.extract._finalnorm import final_norm_params
 from tokenlake.extract._loader import Batch, InputRow, batches, default_workers
 from tokenlake.extract._models import create_backbone
 from tokenlake.extract._plan import Plan, adapter_options, array_specs, meta_layout
@@ -51,10 +52,12 @@ def work(p: Plan, shards: list[int] | None = None, *, log=print) -> dict:
         return {"last_shard": max(done, default=-1)}
     model = create_backbone(p.spec, weights=p.weights, img_size=p.img_size).to(p.device)
     adapter = make_adapter(model, img_size=p.img_size, blocks=req.blocks, **adapter_options(p))
+    writer.write_final_norm(final_norm_params(adapter))  # output tokens = this norm of the stored
     policy = TokenPolicy(req.policy, threshold=p.threshold,
                          normals_per_image=req.normals_per_image, seed=req.seed)
     try:
-        return _run_shards(p, rows, adapter, policy, data_config(model, img_size=p.img_size),
+        cfg = data_config(model, img_size=p.img_size, preprocess=req.preprocess)
+        return _run_shards(p, rows, adapter, policy, cfg,
                            writer, kept, log)
     finally:
         adapter.close()
@@ -87,6 +90,10 @@ class _Extractor:
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self._free_pinned: list[dict[str, torch.Tensor]] = []  # sets a finished batch gave back
         self.stats = channel_stats(cfg, self.device)
+        # every per-image array the run declares reaches the host in its declared dtype
+        self.image_dtypes = {k: getattr(torch, s.dtype) for k, s in array_specs(self.layout).items()
+                             if s.kind == "image"}
+        self.bf16 = plan_.config["compute_dtype"] == "bfloat16"  # --precision
 
     @torch.inference_mode()
     def launch(self, batch: Batch) -> _InFlight:
@@ -94,12 +101,11 @@ class _Extractor:
             return _InFlight(batch, {}, {}, None, None)
         x = normalise(batch.pixels.to(self.device, non_blocking=True), self.cfg,
                       self.stats)  # [B, 3, H, W]
-        with torch.autocast(self.device.type, dtype=torch.bfloat16,
-                            enabled=self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             out = self.adapter(x)
         wanted = {k: v for k, v in out.items() if k != "tokens" or self.policy.name == "all"}
         if self.copy_stream is None:
-            return _InFlight(batch, out, {k: v.to(_host_dtype(k)) for k, v in wanted.items()},
+            return _InFlight(batch, out, {k: v.to(self._host_dtype(k)) for k, v in wanted.items()},
                              None, None)
         pinned = self._free_pinned.pop() if self._free_pinned else {}
         host, ready = self._copy_out(wanted, pinned)
@@ -113,7 +119,7 @@ class _Extractor:
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(computed)
             for k, v in tensors.items():
-                v = v.to(_host_dtype(k))  # the cast runs on the copy stream too
+                v = v.to(self._host_dtype(k))  # the cast runs on the copy stream too
                 host[k] = _pinned_view(pinned, k, v.shape, v.dtype).copy_(v, non_blocking=True)
             ready.record(self.copy_stream)
         return host, ready
@@ -145,8 +151,7 @@ class _Extractor:
         result = BatchResult(
             rows=rows, sizes=[batch.sizes[i] for i in keep], norm=copy["norm"],
             attn=copy["attn"], nbr_cos=copy["nbr_cos"], stored=stored,
-            per_image={k: copy[k] for k in ("cls_post", "patch_mean_post", "registers_post",
-                                            "mlp_acts") if k in copy},
+            per_image={k: v for k, v in copy.items() if k in self.image_dtypes},
             block_norm=copy.get("block_norm"), qkv_norm=copy.get("qkv_norm"))
         self._fill_cells(buffer.add(result, emb), batch.pixels, keep, image, token)
         if flight.pinned is not None:
@@ -199,9 +204,10 @@ class _Extractor:
         buffer.rejected.extend(ids[~has].tolist())
         return np.flatnonzero(has)
 
-
-def _host_dtype(name: str) -> torch.dtype:
-    return torch.float16 if name in ("tokens", "mlp_acts") else torch.float32
+    def _host_dtype(self, name: str) -> torch.dtype:
+        if name in self.image_dtypes:
+            return self.image_dtypes[name]
+        return torch.float16 if name == "tokens" else torch.float32
 
 
 def _pinned_view(pinned: dict[str, torch.Tensor], name: str, shape, dtype) -> torch.Tensor:
@@ -219,7 +225,7 @@ class _ShardWriterThread:
     latency overlaps). At most threads + 2 shards are in memory (one queued, one filling): 6 x 1.3
     GB for ViT-G at 518 px with policy all. Errors surface on the next call or at close."""
 
-    def __init__(self, writer: store.RunWriter, image_arrays: dict[str, tuple[int, ...]],
+    def __init__(self, writer: store.RunWriter, image_arrays: dict[str, store.ArraySpec],
                  threads: int = 4) -> None:
         self.writer, self.image_arrays = writer, image_arrays
         self.queue: queue.Queue = queue.Queue(maxsize=1)
@@ -305,7 +311,7 @@ def _run_shards(p: Plan, rows: list[InputRow], adapter, policy, cfg, writer, kep
     """Extract `rows`; returns the last shard written and how fast the loop itself ran."""
     req = p.request
     extractor = _Extractor(p, adapter, policy, cfg)
-    image_arrays = {k: s.shape for k, s in writer.specs.items() if s.kind == "image"}
+    image_arrays = {k: s for k, s in writer.specs.items() if s.kind == "image"}
     out = _ShardWriterThread(writer, image_arrays)
     shards = _Shards(p, adapter.layout, out, kept, max(writer.committed(), default=-1))
     loader = batches(data=p.subset_meta["source"], split=p.subset_meta["split"], rows=rows, cfg=cfg,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from tokenlake import store
 from tokenlake.extract._adapters import TokenLayout, make_adapter
+from tokenlake.extract._finalnorm import check_final_norm_module
 from tokenlake.extract._loader import InputRow
 from tokenlake.extract._models import (
     ModelRequestError,
@@ -18,8 +19,14 @@ from tokenlake.extract._models import (
     resolve_model,
     resolve_weights,
 )
+from tokenlake.extract._neuronstats import ACTS, SPARSITY_ACTIVATION, STATS, MlpRecord, mlp_specs
 from tokenlake.extract._policy import POLICIES
+from tokenlake.extract._preprocess import PREPROCESS
 from tokenlake.extract._tvdecode import check_decoder
+
+# --precision: the dtype the backbone's blocks run in (bf16 = torch.autocast), the config's
+# compute_dtype. Table 4 compares heads within 0.4-0.7 points, so its runs ask for fp32.
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -45,9 +52,12 @@ class ExtractRequest:
     slurm: dict = field(default_factory=dict)  # partition, gpus, time_min, array_parallelism
     quiet: bool = False
     seed: int = 0
-    record_mlp: bool = False  # ViTs: MLP hidden activations at patch tokens (tiny subsets only)
+    record_mlp: bool = False  # ViTs: register-neuron statistics per image (needs outlier_ref)
+    mlp_acts: bool = False  # with record_mlp: also the raw MLP activations (tiny subsets only)
     test_time_registers: str | None = None  # "RUN:K": move RUN's top-K register neurons
     decoder: str = "pil"  # "torchvision": read the subset's torchvision pixel store (built first)
+    preprocess: str = "model"  # input recipe: "model" (timm's) | "dinov2-eval" (_preprocess.py)
+    precision: str | None = None  # "fp32" | "bf16"; None: bf16 autocast on CUDA, fp32 on the CPU
 
 
 @dataclass
@@ -86,8 +96,12 @@ def _check_resolution(spec: ModelSpec, img_size: int) -> None:
         )
 
 
-def default_run_name(spec: ModelSpec, img_size: int, subset: str, weights: Weights) -> str:
+def default_run_name(spec: ModelSpec, img_size: int, subset: str, weights: Weights, *,
+                     preprocess: str = "model") -> str:
+    """MODEL-PX-SUBSET, then -dinov2eval for that input recipe and -random for random weights."""
     name = f"{spec.alias}-{img_size}-{subset}"
+    if preprocess != "model":
+        name += "-" + preprocess.replace("-", "")
     return name + "-random" if weights.is_random else name
 
 
@@ -95,13 +109,24 @@ def plan(request: ExtractRequest) -> Plan:
     """Every check that can fail, before any model is built."""
     if request.policy not in POLICIES:
         raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, not {request.policy!r}")
+    if request.preprocess not in PREPROCESS:
+        raise ValueError(f"--preprocess must be one of {', '.join(PREPROCESS)}, not "
+                         f"{request.preprocess!r}")
+    if request.mlp_acts and not request.record_mlp:
+        raise ValueError("--mlp-acts goes with --record-mlp")
+    if request.record_mlp and not request.blocks:  # its outliers are decided at every block
+        request = replace(request, blocks=True)
     spec = resolve_model(request.model)
     weights = resolve_weights(request.weights)
     img_size = request.img_size or spec.img_size
     _check_resolution(spec, img_size)
     lake = store.open_lake(request.lake)
     subset = store.read_subset(request.lake, request.subset)
-    needs_threshold = request.policy == "sample" or request.keep_if_outlier
+    if request.record_mlp and not request.outlier_ref:
+        raise ValueError(
+            "--record-mlp needs --outlier-ref RUN: the run (usually the model's val5k run) whose "
+            "98th-percentile patch norm is the outlier threshold at every block")
+    needs_threshold = request.policy == "sample" or request.keep_if_outlier or request.record_mlp
     threshold = None
     if needs_threshold:
         if not request.outlier_ref:
@@ -136,7 +161,12 @@ def plan(request: ExtractRequest) -> Plan:
     # SLURM tasks run on GPU nodes even when this (login) node has none
     gpu = torch.cuda.is_available() or request.executor == "slurm"
     device = torch.device(request.device or ("cuda" if gpu else "cpu"))
-    run = request.run or default_run_name(spec, img_size, request.subset, weights)
+    if request.precision not in (None, *PRECISIONS):
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not "
+                         f"{request.precision!r}")
+    precision = request.precision or ("bf16" if device.type == "cuda" else "fp32")
+    run = request.run or default_run_name(spec, img_size, request.subset, weights,
+                                          preprocess=request.preprocess)
     config = {
         "model": spec.timm_name, "alias": spec.alias, "weights": weights.kind,
         "weights_sha256": weights.sha256, "img_size": img_size, "subset": subset_meta,
@@ -144,8 +174,10 @@ def plan(request: ExtractRequest) -> Plan:
         "outlier_ref": request.outlier_ref, "threshold": threshold,
         "keep_if_outlier": request.keep_if_outlier, "n": request.n, "blocks": request.blocks,
         "shard_size": request.shard_size, "seed": request.seed,
-        "compute_dtype": "bfloat16" if device.type == "cuda" else "float32",
+        "compute_dtype": PRECISIONS[precision],
     }
+    if request.preprocess != "model":  # config keys only when set: existing runs are unchanged
+        config["preprocess"] = request.preprocess
     if request.policy == "sample":  # the draw is part of what a resumed run must repeat
         config["sample_draw"] = "k normal patches with the smallest splitmix64(seed, image_id, token)"
     pixel_store = _find_pixels(request, spec, img_size)
@@ -156,8 +188,7 @@ def plan(request: ExtractRequest) -> Plan:
             spec.timm_name.startswith(("swin", "pvt"))):
         raise ValueError("--record-mlp and --test-time-registers are implemented for ViTs only")
     if request.record_mlp:  # config keys only when set: runs without the options are unchanged
-        config["record_mlp"] = {"array": "mlp_acts", "hook": "blocks[b].mlp.fc2 input",
-                                "dtype": "float16", "tokens": "patch"}
+        config["record_mlp"] = _mlp_config(request)
     if request.test_time_registers is not None:
         ttreg, config["test_time_registers"] = _ttreg_neurons(lake, request, spec, weights)
     return Plan(request, spec, weights, img_size, run, rows, subset_meta, threshold, device, config,
@@ -171,7 +202,8 @@ def _find_pixels(request: ExtractRequest, spec: ModelSpec, img_size: int) -> str
     from tokenlake.extract._pixelstore import find_pixel_store
     from tokenlake.extract._preprocess import data_config
 
-    cfg = data_config(meta_backbone(spec, img_size), img_size=img_size)
+    cfg = data_config(meta_backbone(spec, img_size), img_size=img_size,
+                      preprocess=request.preprocess)
     found = find_pixel_store(request.lake, request.subset, cfg, decoder=request.decoder)
     if found is None and request.decoder != "pil":
         raise ValueError(
@@ -190,6 +222,7 @@ def _ttreg_neurons(lake: store.Lake, request: ExtractRequest, spec: ModelSpec,
     source, k = parse_ttreg(request.test_time_registers)
     neurons: list[tuple[int, int]] = []
     scores: list[float] = []
+    ranking: dict = {}
     if k:
         man = lake.manifest(source)  # UnknownRun if it is not a complete run
         if (man.get("timm_name"), man.get("weights_sha256")) != (spec.timm_name, weights.sha256) or (
@@ -201,23 +234,34 @@ def _ttreg_neurons(lake: store.Lake, request: ExtractRequest, spec: ModelSpec,
         if found is None:
             raise ValueError(f"run {source!r} has no neuron ranking: run `tokenlake neurons --lake "
                              f"{request.lake} --run {source}` first (on a --record-mlp run)")
-        table = found[0]
-        if table.num_rows < k:
-            raise ValueError(f"run {source!r} ranks {table.num_rows} neurons, fewer than K = {k}")
-        top = table.slice(0, k)
+        table, meta = found
+        ranked = table.filter(table.column("rank").is_valid())  # NULL: above --highest-block
+        if ranked.num_rows < k:
+            raise ValueError(f"run {source!r} ranks {ranked.num_rows} neurons, fewer than K = {k}")
+        top = ranked.sort_by("rank").slice(0, k)
+        # the ranking file is replaced by the next `tokenlake neurons`: keep what chose these
+        ranking = meta
         neurons = list(zip(top.column("block").to_pylist(), top.column("neuron").to_pylist()))
         scores = top.column("score").to_pylist()
     config = {"source_run": source, "k": k, "neurons": [list(n) for n in neurons],
-              "scores": scores, "token": "ttreg", "init": "zeros, no position embedding",
+              "scores": scores, "ranking": ranking, "token": "ttreg",
+              "init": "zeros, no position embedding",
               "move": "ttreg act = max over patch tokens; patch acts = 0 (blocks[b].mlp.fc2 input)"}
     return neurons, config
+
+
+def _mlp_config(request: ExtractRequest) -> dict:
+    return {"arrays": list(STATS) + ([ACTS] if request.mlp_acts else []),
+            "hook": "blocks[b].mlp.fc2 input", "tokens": "patch",
+            "outliers": "patch tokens whose block-d output norm > threshold, for every block d",
+            "sparsity_activation_threshold": SPARSITY_ACTIVATION, "reduced_in": "float64"}
 
 
 def adapter_options(plan_: Plan) -> dict:
     """make_adapter's keyword options for this plan (none for a plain run)."""
     opts: dict = {}
     if plan_.request.record_mlp:
-        opts["record_mlp"] = True
+        opts["record_mlp"] = MlpRecord(threshold=plan_.threshold, acts=plan_.request.mlp_acts)
     if plan_.ttreg is not None:
         opts["ttreg"] = plan_.ttreg
     return opts
@@ -245,8 +289,8 @@ def array_specs(layout: TokenLayout) -> dict[str, store.ArraySpec]:
         specs["registers_post"] = store.ArraySpec(shape=(layout.n_reg, d), dtype="float32",
                                                   kind="image")
     if layout.mlp_hidden:  # --record-mlp
-        specs["mlp_acts"] = store.ArraySpec(shape=(layout.depth, layout.mlp_hidden, layout.n_patches),
-                                            dtype="float16", kind="image")
+        specs.update(mlp_specs(layout.depth, layout.mlp_hidden, layout.n_patches,
+                               acts=layout.mlp_acts))
     return specs
 
 
@@ -256,6 +300,7 @@ def meta_layout(plan_: Plan) -> TokenLayout:
     adapter = make_adapter(model, img_size=plan_.img_size, blocks=plan_.request.blocks,
                            **adapter_options(plan_))
     adapter.close()
+    check_final_norm_module(adapter)  # refused before anything runs, not after the first batch
     return adapter.layout
 
 

@@ -11,7 +11,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import create_transform, resolve_model_data_config
+from timm.data import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    create_transform,
+    resolve_model_data_config,
+)
 
 
 @dataclass(frozen=True)
@@ -31,8 +36,22 @@ class DataConfig:
         }
 
 
-def data_config(model: torch.nn.Module, *, img_size: int) -> DataConfig:
-    cfg = resolve_model_data_config(model)
+# Named input recipes (`--preprocess`). "model": timm's own eval recipe for the model
+# (resolve_model_data_config). "dinov2-eval": DINOv2's official linear evaluation transform,
+# facebookresearch/dinov2 `make_classification_eval_transform`: "resize_size=256,
+# interpolation=BICUBIC, crop_size=224" with ImageNet mean/std, i.e. the shorter side resized to
+# size / 0.875 and a centred crop of `size`. timm's DINOv2 config crops nothing (crop_pct 1.0),
+# so at 224 px it shows the heads ~14% more of each image than they were evaluated on.
+PREPROCESS = ("model", "dinov2-eval")
+_DINOV2_EVAL = {"interpolation": "bicubic", "crop_pct": 224 / 256, "crop_mode": "center",
+                "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD}
+
+
+def data_config(model: torch.nn.Module, *, img_size: int, preprocess: str = "model") -> DataConfig:
+    """The input recipe of `model` at `img_size` under the named `preprocess` recipe."""
+    if preprocess not in PREPROCESS:
+        raise ValueError(f"--preprocess must be one of {', '.join(PREPROCESS)}, not {preprocess!r}")
+    cfg = resolve_model_data_config(model) if preprocess == "model" else _DINOV2_EVAL
     return DataConfig(
         img_size=img_size, interpolation=cfg["interpolation"], crop_pct=float(cfg["crop_pct"]),
         crop_mode=cfg.get("crop_mode", "center"), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),

@@ -15,6 +15,7 @@ import torch
 
 from tokenlake.extract._adapters import TokenLayout
 from tokenlake.extract._loader import InputRow
+from tokenlake.store import ArraySpec
 
 
 def copy_rows(dst: np.ndarray, src: np.ndarray | torch.Tensor) -> None:
@@ -90,10 +91,10 @@ class BatchResult:
     attn: np.ndarray  # [B, T] fp32
     nbr_cos: np.ndarray  # [B, Np] fp32
     stored: np.ndarray  # [B, T] bool: tokens with an embedding slot
-    per_image: dict[str, np.ndarray]  # cls_post [B, D], patch_mean_post [B, D],
-    # registers_post [B, R, D], mlp_acts [B, L, H, Np] (--record-mlp)
+    per_image: dict[str, np.ndarray]  # every image array the run declares (array_specs):
+    # cls_post [B, D], patch_mean_post [B, D], registers_post [B, R, D], mlp_* (--record-mlp), ...
     block_norm: np.ndarray | None = None  # [B, L, T]
-    qkv_norm: np.ndarray | None = None  # [B, 3, T]
+    qkv_norm: np.ndarray | None = None  # [B, L, 3, T]
 
     def head(self, n: int) -> BatchResult:
         """The first n images."""
@@ -222,28 +223,28 @@ class ShardBuffer:
         lay = self.layout
         t, depth, n = lay.n_tokens, lay.depth, ids.size
         block_norm = self._cat("block_norm", (depth, t))  # [N, L, T]
-        qkv = self._cat("qkv_norm", (3, t))  # [N, 3, T]
-        last = np.zeros((n, depth, t), dtype=bool)
-        last[:, -1] = True
-        qkv_full = np.zeros((3, n, depth, t), dtype=np.float32)
-        qkv_full[:, :, -1] = qkv.transpose(1, 0, 2)
-        mask = ~last.reshape(-1)
+        qkv = self._cat("qkv_norm", (depth, 3, t)).transpose(2, 0, 1, 3)  # [3, N, L, T]
         return pa.table({
             "image_id": np.repeat(ids, depth * t),
             "token": np.tile(np.arange(t, dtype=np.int32), n * depth),
             "block": np.tile(np.repeat(np.arange(depth, dtype=np.int16), t), n),
             "norm": block_norm.reshape(-1).astype(np.float32),
-            "q_norm": pa.array(qkv_full[0].reshape(-1), mask=mask),
-            "k_norm": pa.array(qkv_full[1].reshape(-1), mask=mask),
-            "v_norm": pa.array(qkv_full[2].reshape(-1), mask=mask),
+            "q_norm": qkv[0].reshape(-1).astype(np.float32),
+            "k_norm": qkv[1].reshape(-1).astype(np.float32),
+            "v_norm": qkv[2].reshape(-1).astype(np.float32),
         })
 
-    def arrays(self, image_arrays: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
-        """Token arrays by local slot; image arrays by row of ``images``."""
+    def arrays(self, image_arrays: dict[str, ArraySpec]) -> dict[str, np.ndarray]:
+        """Token arrays by local slot; every declared image array by row of ``images``, in its
+        declared dtype."""
         out: dict[str, np.ndarray] = {"tokens": self.embeddings.view(), "pixels": self.cells.view()}
-        for name, shape in image_arrays.items():  # aligned with the rows of `images`
-            dtype = np.float16 if name == "mlp_acts" else np.float32
+        for name, spec in image_arrays.items():  # aligned with the rows of `images`
+            dtype = np.dtype(spec.dtype)
+            missing = [b.rows[0].image_id for b in self.batches if name not in b.per_image]
+            if missing:
+                raise RuntimeError(f"the run declares image array {name!r} but the adapter did "
+                                   f"not return it (batch of image {missing[0]})")
             parts = [b.per_image[name] for b in self.batches]
             out[name] = (np.concatenate(parts).astype(dtype, copy=False) if parts
-                         else np.zeros((0, *shape), dtype))
+                         else np.zeros((0, *spec.shape), dtype))
         return out

@@ -1,13 +1,17 @@
 """Register neurons of a timm ViT: recording MLP activations, and test-time registers.
 
-After Jiang et al. 2025 (*Vision Transformers Don't Need Trained Registers*): a few MLP neurons
-("register neurons") put the outlier tokens' large activations into the residual stream. At test
-time one extra, untrained token can take them over. What this module does, precisely:
+After Jiang et al. 2025 (*Vision Transformers Don't Need Trained Registers*;
+github.com/nickjiang2378/test-time-registers): a few MLP neurons ("register neurons") put the
+outlier tokens' large activations into the residual stream. At test time one extra, untrained token
+can take them over. What this module does, precisely:
 
 * **Hidden activation** of block ``b``'s MLP = the input of ``blocks[b].mlp.fc2``: ``act(fc1(x))``
   for timm's ``Mlp`` (DINOv2-S/B/L, DeiT, CLIP) and ``x1 * act(x2)`` (the gated product) for
   ``GluMlp``/SwiGLU (DINOv2-G), in both cases after dropout (identity in eval) and the MLP's
-  optional norm. Neuron ``n`` of block ``b`` is channel ``n`` of that input.
+  optional norm. Neuron ``n`` of block ``b`` is channel ``n`` of that input. (Theirs: the output
+  of ``mlp.act``, or of the SwiGLU's hidden identity; the same tensor.) ``--record-mlp`` reduces it
+  to per-image statistics (extract/_neuronstats.py) that ``tokenlake neurons`` ranks
+  (analyze/_neurons.py, with its own differences from their ranking).
 * **The extra token** (kind ``ttreg``) is a zero vector inserted into the sequence right after the
   prefix tokens timm builds (CLS, then trained registers), before the patches, *after* the
   position embedding was added: it has no position embedding, so patches keep their exact
@@ -16,10 +20,32 @@ time one extra, untrained token can take them over. What this module does, preci
 * **Moving the activations**: for each chosen neuron (block ``b``, neuron ``n``) a forward
   pre-hook on ``blocks[b].mlp.fc2`` replaces, per image, the extra token's activation by the
   **maximum of that neuron's activation over the image's patch tokens** and sets the neuron's
-  activation at **every patch token to zero**. CLS and trained registers are left unchanged. The
-  max and the zeroing are taken per image (dim 1 of ``[B, T, H]``), so results do not depend on the
-  batch size (the published reference handles batch size 1 only, and appends its token at the
-  end of the sequence but then slices it as a leading register; here it *is* a leading token).
+  activation at **every patch token to zero**. CLS and trained registers are left unchanged.
+
+Deliberate differences from their intervention (shared/hook_fn.py ``activate_on_registers`` with
+``normal_values="zero"``, ``scale=1``, one register, as register_neurons.ipynb calls it):
+
+1. **Value on the extra token.** They write one number per block: ``sign_max`` (shared/utils.py)
+   of ``output[0, :, neuron_indices]``, the signed extreme over *all* tokens (CLS and the extra
+   token included) *and all of that block's chosen neurons together*, to every chosen neuron.
+   Here each neuron gets its own maximum over the image's patch tokens: a neuron's outlier
+   activation is what the token takes over from the patches it zeroes, and a weaker neuron of the
+   same block is not raised to a stronger one's peak. (They agree for a block with one chosen
+   neuron whose largest |activation| over all tokens is positive and at a patch token.)
+2. **Any batch size.** They index ``output[0, ...]``: batch 1 only (a larger batch would move only
+   the first image). Here the max and the zeroing run per image (dim 1 of ``[B, T, H]``); batch 1
+   and 16 are tested to agree.
+3. **Where the token sits.** They append it at the *end* of the sequence
+   (dinov2/dinov2/models/vision_transformer.py ``prepare_tokens_with_masks``) while the DINOv2
+   outputs slice registers as leading tokens (``x_norm[:, 1 : num_register_tokens + 1]``), so those
+   slices are shifted by one; here it *is* a leading prefix token, after CLS and trained registers,
+   and every slice agrees.
+4. **Which tokens are zeroed.** They zero ``output[0, 1:-num_registers]``: all but the first token
+   and the appended one (the patches, for the register-free models they use). Here exactly the
+   patch tokens, so CLS and trained registers keep their activations on any model.
+5. **Positions = patch tokens** also where the neurons are found: their ranking takes every token
+   above the norm threshold, CLS included; ours only patch tokens (analyze/_neurons.py lists the
+   ranking's differences).
 """
 
 from __future__ import annotations
@@ -27,8 +53,6 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-
-MLP_ARRAY = "mlp_acts"  # image array [L, H, Np] float16: hidden activation at every patch token
 
 
 def mlp_hidden_size(model: torch.nn.Module) -> int:

@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from tokenlake.store import _sqlviews
 from tokenlake.store._errors import LakeError, UnknownRun
+from tokenlake.store._finalnorm import TOKENS, apply_final_norm, read_final_norm
 from tokenlake.store._io import read_json
 from tokenlake.store._layout import ChunkFiles, RunLayout
 from tokenlake.store._schema import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION
@@ -174,11 +175,42 @@ class Lake:
     # -- arrays --------------------------------------------------------------------------------
 
     def gather(
-        self, run: str, slots: Any, *, pixels: bool = False
+        self, run: str, slots: Any, *, tokens: str = "pre", pixels: bool = False
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-        """Token embeddings [n, D] float16 at global `slots` (and pixels [n, P, P, 3] uint8)."""
+        """Token embeddings at global `slots` (and pixels [n, P, P, 3] uint8).
+
+        tokens="pre": [n, D] float16 as stored, the last block's output before the final norm.
+        tokens="post": [n, D] float32, the model's output tokens: the run's saved final norm
+        applied to the stored tokens (store/_finalnorm.py; what timm's forward_features returns,
+        up to the fp16 rounding of the stored token)."""
+        if tokens not in TOKENS:
+            raise ValueError(f"tokens must be one of {TOKENS}, got {tokens!r}")
+        norm = self.final_norm(run) if tokens == "post" else None
         emb = self._read_rows(run, "tokens", slots)
+        if norm is not None:
+            emb = apply_final_norm(emb, norm)
         return (emb, self._read_rows(run, "pixels", slots)) if pixels else emb
+
+    def final_norm(self, run: str) -> dict[str, Any]:
+        """The run's final norm (type, dim, eps, weight, bias as float32 arrays).
+
+        LakeError, naming what to re-extract, for runs written before tokenlake saved it."""
+        norm = read_final_norm(self._run_dir(run))
+        if norm is None:
+            m = self.manifest(run)
+            cfg = m.get("config") or {}
+            how = (f"tokenlake extract --lake {self.path} --model {m.get('model', '?')} --subset "
+                   f"{m.get('subset', '?')} --img-size {m.get('img_size', '?')} --policy "
+                   f"{m.get('policy', '?')}" + (" --weights random" if m.get("random_weights")
+                                               else "") + f" --run {run}-v3")
+            raise LakeError(
+                f"run {run!r} has no saved final-norm parameters (final_norm.json): it was "
+                f"written before tokenlake saved them (schema version {m.get('schema_version')}), "
+                "so its output (post-norm) tokens cannot be computed. Re-extract it into a new "
+                f"run, e.g. `{how}`" + (" (with the same --outlier-ref / keep-if-outlier options)"
+                                         if cfg.get("outlier_ref") else "")
+                + ", or read its pre-norm tokens (tokens='pre', --tokens pre).")
+        return norm
 
     def image_array(self, run: str, name: str, image_ids: Any) -> np.ndarray:
         """Rows of a per-image array (cls_post, patch_mean_post, ...) at `image_ids`; errors read as 0."""

@@ -1,8 +1,10 @@
 """Register-neuron rankings in the lake: LAKE/neurons/<run>.parquet, one file per run.
 
-A ranking is derived from a run extracted with ``--record-mlp`` (its ``mlp_acts`` image array) and
-the run's outlier tokens; ``tokenlake neurons`` computes it (tokenlake.analyze._neurons, where the
-score is defined). The file is written to ``<name>.tmp-<pid>-<uuid>``, fsynced and renamed into
+A ranking is derived from a run extracted with ``--record-mlp`` (its register-neuron statistics,
+extract/_neuronstats.py) and its per-block norms; ``tokenlake neurons`` computes it
+(tokenlake.analyze._neurons, where the scores are defined). Each ranking's choices are columns
+(method, detect_block, highest_block, sparsity_filter) and, with the rest, JSON metadata under the
+Parquet key ``tokenlake``. The file is written to ``<name>.tmp-<pid>-<uuid>``, fsynced and renamed into
 place, so a reader sees the old ranking or the new one, never a partial file. The `neurons` SQL view
 reads ``neurons/*.parquet`` (temporary files do not match the glob).
 """
@@ -24,19 +26,27 @@ __all__ = ["NEURONS_SCHEMA", "neurons_view", "read_neurons", "write_neurons"]
 
 NEURONS_SCHEMA = pa.schema([
     ("run", pa.string()),  # the --record-mlp run the ranking comes from
-    ("rank", pa.int32()),  # 1 = the neuron whose activation concentrates most on outliers
+    ("method", pa.string()),  # 'jiang' | 'contrast'
+    ("detect_block", pa.int16()),  # the block whose output norms define the outlier positions
+    ("highest_block", pa.int16()),  # candidates: blocks <= this one
+    ("sparsity_filter", pa.bool_()),
+    ("rank", pa.int32()),  # 1 = best candidate; NULL for blocks > highest_block
     ("block", pa.int16()),
     ("neuron", pa.int32()),  # channel of the block's MLP hidden activation (fc2 input)
     ("score", pa.float64()),
-    ("mean_outlier", pa.float64()),  # mean activation at outlier patch tokens
-    ("mean_normal", pa.float64()),  # mean activation at the other patch tokens
-    ("outlier_share", pa.float64()),  # share of the neuron's positive activation on outliers
+    ("mean_abs_outlier", pa.float64()),  # pooled mean |activation| at outlier patch tokens
+    ("mean_abs_normal", pa.float64()),  # pooled mean |activation| at the other patch tokens
+    ("outlier_share", pa.float64()),  # share of the neuron's |activation| on outliers
+    ("sparse_share", pa.float64()),  # share of images where it passes the sparsity test
+    ("n_images", pa.int64()),  # images with >= 1 outlier patch token at detect_block
     ("n_outlier", pa.int64()),
     ("n_normal", pa.int64()),
 ])
-_DUCK = {"run": "VARCHAR", "rank": "INTEGER", "block": "SMALLINT", "neuron": "INTEGER",
-         "score": "DOUBLE", "mean_outlier": "DOUBLE", "mean_normal": "DOUBLE",
-         "outlier_share": "DOUBLE", "n_outlier": "BIGINT", "n_normal": "BIGINT"}
+_DUCK = {"run": "VARCHAR", "method": "VARCHAR", "detect_block": "SMALLINT",
+         "highest_block": "SMALLINT", "sparsity_filter": "BOOLEAN", "rank": "INTEGER",
+         "block": "SMALLINT", "neuron": "INTEGER", "score": "DOUBLE", "mean_abs_outlier": "DOUBLE",
+         "mean_abs_normal": "DOUBLE", "outlier_share": "DOUBLE", "sparse_share": "DOUBLE",
+         "n_images": "BIGINT", "n_outlier": "BIGINT", "n_normal": "BIGINT"}
 
 
 def neurons_path(lake: str | Path, run: str) -> Path:
@@ -70,22 +80,29 @@ def write_neurons(lake: str | Path, run: str, table: pa.Table, *,
 
 
 def read_neurons(lake: str | Path, run: str) -> tuple[pa.Table, dict[str, Any]] | None:
-    """(ranking sorted by rank, its metadata), or None when the run has no ranking."""
+    """(ranking: candidates by rank, then the unranked rows by score; its metadata), or None
+    when the run has no ranking."""
     p = neurons_path(lake, run)
     if not p.exists():
         return None
     t = pq.read_table(p)
     meta = json.loads((t.schema.metadata or {}).get(b"tokenlake", b"{}"))
-    return t.replace_schema_metadata(None).sort_by("rank"), meta
+    order = [("rank", "ascending"), ("score", "descending")]  # NULL ranks sort last
+    return t.replace_schema_metadata(None).sort_by(order), meta
 
 
 def neurons_view(lake: str | Path) -> str:
-    """CREATE VIEW neurons over every ranking in LAKE/neurons/ (empty, typed, when none exists)."""
+    """CREATE VIEW neurons over every ranking in LAKE/neurons/ (empty, typed, when none exists).
+
+    A ranking written before schema version 3 lacks the v3 columns: they read as NULL there (its
+    ``score`` is the ``contrast`` score; its v2-only columns are not in the view)."""
     lake = Path(lake)
-    cols = ", ".join(f'"{n}"' for n in NEURONS_SCHEMA.names)
-    if any((lake / "neurons").glob("*.parquet")):
-        pattern = str(lake / "neurons" / "*.parquet").replace("'", "''")
-        body = f"SELECT {cols} FROM read_parquet('{pattern}')"
-    else:
-        body = "SELECT " + ", ".join(f'NULL::{t} AS "{n}"' for n, t in _DUCK.items()) + " WHERE false"
-    return f"CREATE VIEW neurons AS {body}"
+    parts = []
+    for f in sorted((lake / "neurons").glob("*.parquet")):
+        have = set(pq.read_schema(f).names)
+        cols = ", ".join(f'"{n}"' if n in have else f'NULL::{t} AS "{n}"' for n, t in _DUCK.items())
+        parts.append(f"SELECT {cols} FROM read_parquet('{str(f).replace(chr(39), chr(39) * 2)}')")
+    if not parts:
+        parts = ["SELECT " + ", ".join(f'NULL::{t} AS "{n}"' for n, t in _DUCK.items())
+                 + " WHERE false"]
+    return "CREATE VIEW neurons AS " + "\nUNION ALL\n".join(parts)

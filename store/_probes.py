@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tokenlake.store._errors import LakeError
+from tokenlake.store._io import parquet_bytes
 
 __all__ = [
     "PROBE_RESULTS_SCHEMA",
@@ -95,13 +96,15 @@ def write_probe_result(
     config: Mapping[str, Any],
     result: Mapping[str, Any],
     rows: Iterable[tuple[str, str, float]],
-    files: Mapping[str, bytes] | None = None,
+    files: Mapping[str, bytes | pa.Table] | None = None,
     force: bool = False,
 ) -> Path:
     """Commit one probe result atomically; returns its directory.
 
-    rows: (token_group, metric, value) triples for the `probe_results` view. Without `force`, an
-    existing result of the same (run, probe, config_hash) is kept and the new one discarded.
+    rows: (token_group, metric, value) triples for the `probe_results` view. files: extra files
+    of the result, raw bytes or an Arrow table (written as `<name>`, which must end in .parquet).
+    Without `force`, an existing result of the same (run, probe, config_hash) is kept and the new
+    one discarded.
     """
     lake = Path(lake)
     if not (lake / "runs" / run / "manifest.json").exists():
@@ -135,6 +138,10 @@ def write_probe_result(
         for name, data in (files or {}).items():
             if "/" in name or name.startswith("."):
                 raise ValueError(f"bad result file name {name!r}")
+            if isinstance(data, pa.Table):
+                if not name.endswith(".parquet"):
+                    raise ValueError(f"table {name!r}: a table result file is .parquet")
+                data = parquet_bytes(data)
             _write_bytes(stage / name, data)
         final.parent.mkdir(parents=True, exist_ok=True)
         old = None

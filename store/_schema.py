@@ -9,8 +9,9 @@ import pyarrow.compute as pc
 
 from tokenlake.store._errors import ContractError
 
-SCHEMA_VERSION = 2  # 2: token kind 'ttreg' (test-time register); a v1 lake reads unchanged
-READABLE_SCHEMA_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3  # 2: token kind 'ttreg'; 3: final_norm.json, q/k/v norms on every block, neuron
+# statistics of --record-mlp runs. Older lakes read unchanged (SCHEMA.md, version policy).
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 TOKEN_KINDS = ("cls", "reg", "ttreg", "patch")
 
 

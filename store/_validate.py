@@ -46,6 +46,13 @@ def validate_run(lake: Lake, run: str) -> list[str]:
                 problems.append(
                     f"{run}/{s['shard']}: marker changed since the manifest was written"
                 )
+        fn = m.get("final_norm")
+        if fn is not None:
+            p = d / fn["file"]
+            if not p.exists():
+                problems.append(f"{run}: {fn['file']} is missing")
+            elif sha256_file(p) != fn["sha256"]:
+                problems.append(f"{run}: {fn['file']} changed since the manifest was written")
     return problems
 
 

@@ -30,12 +30,15 @@ def write_run(
     errors: Any | None = None,
     blocks: Any | None = None,
     shard_size: int | None = None,
+    final_norm: Mapping[str, Any] | None = None,
 ) -> Path:
     """Validate a whole run against the contract and write it through RunWriter; returns manifest.json.
 
     tokens.slot are rows of arrays['tokens'] / arrays['pixels'] (dense, [S, ...]); every other array
     is per image and aligned with the rows of `images`. `manifest` doubles as the run's config:
     calling again with the same manifest is a no-op, with a different one raises RunExists.
+    `final_norm` (store/_finalnorm.py) is the model's final norm; without it the run's output
+    tokens (`Lake.gather(..., tokens="post")`) are unavailable.
     """
     images = conform(images, "images")
     tokens = conform(tokens, "tokens")
@@ -132,4 +135,6 @@ def write_run(
                 if blocks is not None
                 else None,
             )
+    if final_norm is not None:
+        writer.write_final_norm(final_norm)
     return writer.commit(manifest)

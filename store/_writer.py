@@ -19,6 +19,7 @@ from filelock import FileLock
 from zarr.codecs import BytesCodec
 
 from tokenlake.store._errors import ContractError, LakeError, RunConfigMismatch, RunExists
+from tokenlake.store._finalnorm import FINAL_NORM_FILE, final_norm_entry, write_final_norm
 from tokenlake.store._io import (
     atomic_write,
     canonical_json,
@@ -45,6 +46,7 @@ STORE_KEYS = (
     "n_slots",
     "n_rejected",
     "bytes",
+    "final_norm",
 )
 
 
@@ -460,6 +462,12 @@ class RunWriter:
             "sha256": h.hexdigest(),
         }
 
+    def write_final_norm(self, norm: Mapping[str, Any]) -> dict[str, Any]:
+        """Save the model's final norm (store/_finalnorm.py) with the run, once; every later call
+        (another worker, a resume) must bring the same parameters."""
+        with FileLock(str(self.dir / "run.lock")):
+            return write_final_norm(self.dir, dict(norm))
+
     # -- commit --------------------------------------------------------------------------------
 
     def commit(self, manifest: Mapping[str, Any], *, n_shards: int | None = None) -> Path:
@@ -523,8 +531,13 @@ def build_manifest(w: RunWriter, user: Mapping[str, Any], n_shards: int) -> dict
         **totals,
         "bytes": nbytes,
     }
+    fn = w.dir / FINAL_NORM_FILE
+    if fn.exists():
+        data = fn.read_bytes()
+        kind = json.loads(data)
+        store["final_norm"] = final_norm_entry(data, kind["type"], kind["dim"])
     m = json.loads(canonical_json(dict(user)))
-    clash = [k for k in STORE_KEYS if k in m and m[k] != store[k]]
+    clash = [k for k in STORE_KEYS if k in m and m[k] != store.get(k)]
     if clash:
         raise ContractError(
             f"manifest: key(s) {clash} are computed by the store and differ from the values given"

@@ -79,25 +79,31 @@ def test_vit_matches_independent_computation(alias):
     # per-block norms: the last block's output is the pre-norm token
     torch.testing.assert_close(out["block_norm"][:, -1], out["norm"])
     assert out["block_norm"].shape == (2, len(model.blocks), lay.n_tokens)
-    assert out["qkv_norm"].shape == (2, 3, lay.n_tokens)
+    assert out["qkv_norm"].shape == (2, len(model.blocks), 3, lay.n_tokens)
 
 
-def test_vit_qkv_norms_match_the_projection():
+def test_vit_qkv_norms_of_every_block_match_the_projection():
+    """Appendix A.2 reads q/k/v maps across blocks (19-20 of DINOv2-L): every block's, from its
+    own qkv projection of its own norm1 output."""
     model = _model("dinov2_s_reg4", 56)
     adapter = make_adapter(model, img_size=56, blocks=True)
     x = torch.randn(1, 3, 56, 56)
-    seen = {}
-    blk = model.blocks[-1]
-    handle = blk.norm1.register_forward_hook(lambda _m, _a, o: seen.setdefault("h", o))
+    seen, handles = {}, []
+    for b, blk in enumerate(model.blocks):
+        handles.append(blk.norm1.register_forward_hook(
+            lambda _m, _a, o, b=b: seen.setdefault(b, o)))
     with torch.no_grad():
         out = adapter(x)
-    handle.remove()
+    for h in handles:
+        h.remove()
     d = model.embed_dim
-    with torch.no_grad():
-        qkv = (seen["h"] @ blk.attn.qkv.weight.T + blk.attn.qkv.bias)[0]  # [T, 3D]
-    for i in range(3):
-        np.testing.assert_allclose(out["qkv_norm"][0, i], qkv[:, i * d:(i + 1) * d].norm(dim=-1),
-                                   rtol=1e-5)
+    for b, blk in enumerate(model.blocks):
+        with torch.no_grad():
+            qkv = (seen[b] @ blk.attn.qkv.weight.T + blk.attn.qkv.bias)[0]  # [T, 3D]
+        for i in range(3):
+            np.testing.assert_allclose(out["qkv_norm"][0, b, i],
+                                       qkv[:, i * d:(i + 1) * d].norm(dim=-1), rtol=1e-5)
+    assert not torch.allclose(out["qkv_norm"][0, 0], out["qkv_norm"][0, -1])
 
 
 def _swin_received(attn, x: torch.Tensor) -> torch.Tensor:

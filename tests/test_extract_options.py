@@ -113,13 +113,13 @@ def test_local_weights_file_is_loaded_and_hashed(lake, tmp_path):
     np.testing.assert_allclose(tok.norm.to_numpy(), norms, rtol=1e-4)
 
 
-def test_blocks_all_records_every_block_and_last_qkv(lake):
+def test_blocks_all_records_every_block_with_its_qkv(lake):
     assert _extract(lake, "--blocks", "all", "--run", "blocks") == 0
     db = open_lake(lake)
     stats = db.sql("SELECT count(*) AS n, count(DISTINCT block) AS blocks, count(q_norm) AS q "
                    "FROM blocks WHERE run = 'blocks'").to_pylist()[0]
     n_tok = db.sql("SELECT count(*) FROM tokens WHERE run = 'blocks'").column(0)[0].as_py()
-    assert stats == {"n": 12 * n_tok, "blocks": 12, "q": n_tok}
+    assert stats == {"n": 12 * n_tok, "blocks": 12, "q": 12 * n_tok}  # q/k/v on every block
     diff = db.sql("SELECT max(abs(b.norm - t.norm)) AS d FROM blocks b JOIN tokens t USING "
                   "(run, image_id, token) WHERE run = 'blocks' AND b.block = 11").column(0)[0]
     assert diff.as_py() < 1e-4
