@@ -11,6 +11,12 @@ import sys
 from pathlib import Path
 
 NAMES = ("position", "reconstruct", "classify", "heads", "registers", "sweep")
+TOKENS = ("post", "pre")  # = tokenlake.probes._data.TOKENS (not imported: --help stays light)
+TARGETS = ("aligned", "centred")  # = tokenlake.probes._cells.TARGETS
+DEFAULT_SEED = 42  # the paper: "All experiments use a random seed of 42"
+# which probes take which of the per-probe options
+_OPTIONS = {"test_run": ("classify",), "train_run": ("registers",),
+            "tokens": ("position", "reconstruct", "classify", "sweep"), "target": ("reconstruct",)}
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -21,14 +27,18 @@ def register(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "probe", help="linear probes on the lake: position | reconstruct | classify | heads | "
                       "registers | sweep (paper Tables 1-5, Figure 11)",
-        description="Train (or reuse) a linear probe on a run's cached tokens. Results go to "
+        description="Train (or reuse) a linear probe on a run's cached tokens. Probes read the "
+                    "model's output tokens (after the final norm; --tokens pre for the stored "
+                    "ones) and judge outliers by the pre-norm norm. Results go to "
                     "LAKE/probes/<run>/<probe>-<hash>/ and the probe_results SQL view. "
                     "Hyper-parameters left unset take the probe's recorded defaults "
-                    "(probes/README.md).",
+                    "(probes/README.md). Table 3 on validation images: "
+                    "`probe classify --run M-train200k --test-run M-val5k`.",
     )
     p.add_argument("name", choices=NAMES, metavar="NAME", help=" | ".join(NAMES))
     p.add_argument("--lake", required=True, type=Path, help="the lake's root directory")
-    p.add_argument("--run", default=None, help="the run to probe")
+    p.add_argument("--run", default=None,
+                   help="the run to probe (classify: the training run)")
     p.add_argument("--head", type=Path, default=None,
                    help="heads/registers: local DINOv2 linear head .pth "
                         "(dinov2_vit{s,b,l,g}14[_reg4]_linear_head.pth)")
@@ -40,9 +50,26 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--head-with-registers", type=Path, default=None)
     p.add_argument("--train-run", default=None,
                    help="registers: train/val on this run, test on --run (default: split --run)")
+    p.add_argument("--test-run", default=None,
+                   help="classify: test on this run's images (the model's validation-image run, "
+                        "e.g. dinov2_s-518-val5k); train on --run, early-stop on a held-out "
+                        "part of it. Must be the same model (timm_name, weights, img_size, "
+                        "preprocess) and share no image. Outliers in it are judged by --run's "
+                        "threshold. Default: split --run train/val/test (its own images)")
+    p.add_argument("--tokens", choices=TOKENS, default=None,
+                   help="position/reconstruct/classify/sweep: the embeddings read - post: the "
+                        "model's output tokens (the run's saved final norm applied; default, as "
+                        "the paper), pre: the stored tokens before the final norm. Outliers are "
+                        "always judged by the pre-norm norm. heads/registers read post-norm "
+                        "image arrays")
+    p.add_argument("--target", choices=TARGETS, default=None,
+                   help="reconstruct: aligned (default) - the pixels under the token's grid "
+                        "cell; centred - the cell centred on its receptive field (PVT: half a "
+                        "cell up-left; the same cell for ViT/Swin)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if present)")
     p.add_argument("--force", action="store_true", help="retrain even if a result exists")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"default {DEFAULT_SEED}, as the paper")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     g = p.add_argument_group("hyper-parameters (default: the probe's, see probes/README.md)")
@@ -91,12 +118,27 @@ def _print(args, result) -> None:
     print(format_result(result))
 
 
+def _options(args) -> dict:
+    """The per-probe options given; one given to a probe that does not take it is an error."""
+    out = {}
+    for k, probes_ in _OPTIONS.items():
+        v = getattr(args, k)
+        if v is None:
+            continue
+        if args.name not in probes_:
+            raise ValueError(f"--{k.replace('_', '-')} does not apply to probe {args.name} "
+                             f"(only {', '.join(probes_)})")
+        out[k] = v
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from tokenlake import probes
     from tokenlake.probes import _classify, _position, _reconstruct, _registers
 
     common = {"device": args.device, "force": args.force, "seed": args.seed, "quiet": args.quiet}
     name = args.name
+    opts = _options(args)
     if name == "heads":
         pairs = []
         if args.run or args.head:
@@ -122,19 +164,20 @@ def run(args: argparse.Namespace) -> int:
     if not args.run:
         raise ValueError(f"probe {name} needs --run")
     if name == "position":
-        res = probes.position(args.lake, args.run, **common,
+        res = probes.position(args.lake, args.run, **common, **opts,
                               **_hp(args, _position.DEFAULTS))
     elif name == "reconstruct":
-        res = probes.reconstruct(args.lake, args.run, **common,
+        res = probes.reconstruct(args.lake, args.run, **common, **opts,
                                  **_hp(args, _reconstruct.DEFAULTS))
     elif name == "classify":
-        res = probes.classify(args.lake, args.run, **common, **_hp(args, _classify.DEFAULTS))
+        res = probes.classify(args.lake, args.run, **common, **opts,
+                              **_hp(args, _classify.DEFAULTS))
     elif name == "registers":
-        res = probes.registers(args.lake, args.run, head=args.head, train_run=args.train_run,
-                               **common, **_hp(args, _registers.DEFAULTS))
+        res = probes.registers(args.lake, args.run, head=args.head, **common, **opts,
+                               **_hp(args, _registers.DEFAULTS))
     else:
         extra = {"tops": args.tops} if args.tops else {}
-        res = probes.sweep(args.lake, args.run, **common, **extra,
+        res = probes.sweep(args.lake, args.run, **common, **extra, **opts,
                            **_hp(args, _position.DEFAULTS))
     _print(args, res)
     return 0

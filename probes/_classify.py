@@ -1,10 +1,14 @@
 """Image classification from one token per image (paper Table 3).
 
-Images: those of the run with a label, >= 1 stored outlier patch and >= 1 stored normal patch
-(the paper trains on images with >= 1 outlier). Per image one feature: the CLS token's stored
-pre-final-norm embedding (runs without a cls token - Swin/PVT - or without a stored CLS embedding:
-the image array cls_post, i.e. the average-pooled token), a seeded random normal patch, or a
-seeded random outlier patch. The three probes share the same train/val/test images.
+The paper: "A linear classifier is trained on ImageNet-1K using 200,000 images containing at least
+one outlier token. Per image, a [CLS], random normal, or random outlier token is selected.
+Training uses cross-entropy loss, Adam, a cosine learning rate schedule, and early stopping
+(patience = 3) based on validation accuracy." Images: labelled, >= 1 stored outlier and >= 1 stored
+normal patch (probes/_imagefeats.py). With `test_run` (the model's validation-image run) the
+probe trains on the training run, early-stops on a held-out part of it and is tested on the test
+run's images, whose outliers are judged by the training run's threshold. Without it the training
+run is split train/val/test by image and the result says it tested on the run's own images. The
+three probes (cls / normal / outlier) share the same images and split.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenlake.probes import _data
+from tokenlake.probes import _imagefeats as feats
 from tokenlake.probes._position import _choices
 from tokenlake.probes._results import run_cached, torch_bytes
 from tokenlake.probes._train import TrainOutcome, TrainSpec, apply_head, train_linear
@@ -66,98 +71,110 @@ def fit_image_classifier(
     return outcome, mu_np, sd_np, pred
 
 
-def _pick(image_id: np.ndarray, mask: np.ndarray, images: np.ndarray, rng) -> np.ndarray:
-    """Index (into the patch index) of one uniformly drawn token per image among `mask` tokens."""
-    cand = np.flatnonzero(mask)
-    ids = image_id[cand]  # sorted by image_id already (SQL ORDER BY)
-    starts = np.searchsorted(ids, images, side="left")
-    ends = np.searchsorted(ids, images, side="right")
-    counts = ends - starts
-    if (counts == 0).any():
-        raise AssertionError("image without candidates")  # filtered before
-    return cand[starts + (rng.random(images.size) * counts).astype(np.int64)]
+def _config(lk, run: str, info: _data.RunInfo, test_run: str | None, tokens: str, seed: int,
+            spec: TrainSpec, hp: dict[str, Any]) -> dict[str, Any]:
+    tfp = _data.run_info(lk, info.threshold_run).fingerprint if info.threshold_run != run else ""
+    val = hp["val_fraction"]
+    split = ({"train": round(1 - val, 6), "val": val, "test": "test run", "by": "image"}
+             if test_run else
+             {"train": round(1 - val - hp["test_fraction"], 6), "val": val,
+              "test": hp["test_fraction"], "by": "image"})
+    return {
+        "run": run, "run_fingerprint": info.fingerprint, "threshold_run": info.threshold_run,
+        "threshold_run_fingerprint": tfp, "test_run": test_run,
+        "test_run_fingerprint": _data.run_info(lk, test_run).fingerprint if test_run else None,
+        "tokens": tokens, "seed": seed, "train": spec.to_dict(), "split": split,
+        "standardize": hp["standardize"],
+    }
 
 
 def classify(
-    lake: str | Path, run: str, *, device: str | None = None, force: bool = False, seed: int = 0,
+    lake: str | Path, run: str, *, test_run: str | None = None, tokens: str = "post",
+    device: str | None = None, force: bool = False, seed: int = _data.DEFAULT_SEED,
     quiet: bool = False, **hp: Any,
 ) -> dict[str, Any]:
-    """Train (or reuse) the three one-token image classifiers of `run` (cls / normal / outlier)."""
+    """Train (or reuse) the three one-token image classifiers of `run` (cls / normal / outlier).
+
+    test_run: a run of the same model over other images (the validation images): trained on `run`
+    (val_fraction of it held out for early stopping), tested on every eligible image of test_run.
+    None: `run` split train/val/test by image. tokens: "post" (output tokens, default) | "pre".
+    """
+    if test_run is not None and "test_fraction" in hp:
+        raise _data.ProbeError("test_fraction does not apply with test_run: the test images are "
+                               "the test run's")
     hp = _data.merge_hp("classify", DEFAULTS, hp)
     lk = open_lake(lake)
     info = _data.run_info(lk, run)
-    tfp = _data.run_info(lk, info.threshold_run).fingerprint if info.threshold_run != run else ""
+    _data.check_tokens(lk, run, tokens)
+    if test_run is not None:
+        feats.check_test_run(lk, run, test_run)
+        _data.check_tokens(lk, test_run, tokens)
     spec = TrainSpec("adam", tuple(hp["lrs"]), hp["weight_decay"], hp["batch_size"],
                      hp["max_epochs"], hp["patience"])
-    config = {
-        "run": run, "run_fingerprint": info.fingerprint, "threshold_run": info.threshold_run,
-        "threshold_run_fingerprint": tfp, "seed": seed, "train": spec.to_dict(),
-        "split": {"train": round(1 - hp["val_fraction"] - hp["test_fraction"], 6),
-                  "val": hp["val_fraction"], "test": hp["test_fraction"], "by": "image"},
-        "standardize": hp["standardize"],
-    }
+    config = _config(lk, run, info, test_run, tokens, seed, spec, hp)
     dev = _data.resolve_device(device)
 
-    def compute():
-        img_ids, labels = _data.image_labels(lk, run)
-        idx = _data.patch_index(lk, run)
-        has_out = np.unique(idx["image_id"][idx["outlier"]])
-        has_norm = np.unique(idx["image_id"][~idx["outlier"]])
-        images = np.intersect1d(np.intersect1d(has_out, has_norm), img_ids)
-        if images.size < 3:
+    def side(r: str, rng_key: int):
+        """(images, labels, features, cls source) of run r, outliers by the training rule."""
+        idx = _data.patch_index(lk, r, threshold_run=info.threshold_run)
+        images, y = feats.eligible_images(lk, r, idx)
+        if images.size < (1 if r == test_run else 3):
             raise _data.ProbeError(
-                f"run {run!r}: only {images.size} labelled image(s) with both a stored outlier and "
-                "a stored normal patch; classify needs more"
-            )
-        y_all = labels[np.searchsorted(img_ids, images)]
-        n_classes = int(labels.max()) + 1
-        rng = np.random.default_rng([seed, 0xC1A5])
-        pick = {"outlier": _pick(idx["image_id"], idx["outlier"], images, rng),
-                "normal": _pick(idx["image_id"], ~idx["outlier"], images, rng)}
-        x = {g: lk.gather(run, idx["slot"][p]).astype(np.float32) for g, p in pick.items()}
-        cls = lk.sql(
-            "SELECT image_id, slot FROM tokens WHERE run = ? AND kind = 'cls' AND slot IS NOT NULL "
-            "ORDER BY image_id, token", params=[run])
-        cls_ids = cls.column("image_id").to_numpy()
-        if cls.num_rows and np.isin(images, cls_ids).all():
-            first = np.searchsorted(cls_ids, images)
-            x["cls"] = lk.gather(run, cls.column("slot").to_numpy()[first]).astype(np.float32)
-            cls_source = "tokens (CLS embedding before the final norm)"
-        elif "cls_post" in info.arrays:
-            x["cls"] = lk.image_array(run, "cls_post", images).astype(np.float32)
-            cls_source = "cls_post (after the final norm; average-pooled token for Swin/PVT)"
-        else:
-            raise _data.ProbeError(f"run {run!r} has neither stored CLS embeddings nor cls_post")
+                f"run {r!r}: only {images.size} labelled image(s) with both a stored outlier and "
+                "a stored normal patch; classify needs more")
+        x, source = feats.image_features(lk, r, _data.run_info(lk, r), idx, images,
+                                         tokens=tokens, rng=np.random.default_rng([seed, rng_key]))
+        return images, y, x, source
+
+    def compute():
+        images, y, x, cls_source = side(run, 0xC1A5)
         s = config["split"]
-        sp = _data.split_images(images, seed, (s["train"], s["val"], s["test"]))
-        parts = {k: np.searchsorted(images, v) for k, v in sp.items()}
+        if test_run is None:
+            sp = _data.split_images(images, seed, (s["train"], s["val"], s["test"]))
+            parts = {k: np.searchsorted(images, v) for k, v in sp.items()}
+            tested_run, tested_ids, held_out = run, sp["test"], "split of the training run"
+        else:
+            sp = _data.split_train_val(images, seed, s["val"])
+            t_images, t_y, t_x, _ = side(test_run, 0x7E57)
+            parts = {k: np.searchsorted(images, v) for k, v in sp.items()}
+            parts["test"] = np.arange(images.size, images.size + t_images.size)
+            x = {g: np.concatenate([x[g], t_x[g]]) for g in x}
+            y = np.concatenate([y, t_y])
+            tested_run, tested_ids, held_out = test_run, t_images, "test run"
+        n_classes = int(y.max()) + 1
+        yt = y[parts["test"]]
         metrics: dict[str, dict[str, float]] = {}
         choices: dict[str, Any] = {}
         weights: dict[str, Any] = {}
         for g in GROUPS:
             outcome, mu, sd, pred = fit_image_classifier(
-                x[g], y_all, parts, n_classes, spec, dev=dev, seed=seed,
+                x[g], y, parts, n_classes, spec, dev=dev, seed=seed,
                 standardize=hp["standardize"], desc=f"classify {g} {run}", quiet=quiet)
-            yt = y_all[parts["test"]]
             metrics[g] = {"top1": float(100.0 * np.mean(pred == yt)), "n": float(yt.size)}
             choices[g] = _choices(outcome, spec, dev, True)
             weights[g] = {"weight": outcome.head.weight.detach().cpu(),
                           "bias": outcome.head.bias.detach().cpu(),
                           "mu": torch.from_numpy(mu), "sd": torch.from_numpy(sd)}
-        ytr = y_all[parts["train"]]
-        majority = np.bincount(ytr, minlength=n_classes).argmax()
-        metrics["baseline"] = {
-            "chance_top1": 100.0 / n_classes,
-            "majority_top1": float(100.0 * np.mean(y_all[parts["test"]] == majority)),
-            "n_classes": float(n_classes),
-        }
+        majority = np.bincount(y[parts["train"]], minlength=n_classes).argmax()
+        metrics["baseline"] = {"chance_top1": 100.0 / n_classes,
+                               "majority_top1": float(100.0 * np.mean(yt == majority)),
+                               "n_classes": float(n_classes)}
+        listing, digest = feats.listing(lk, tested_run, tested_ids)
         result = {
             "metrics": metrics,
-            "choices": {"per_group": choices, "cls_source": cls_source,
-                        "images": {k: int(v.size) for k, v in sp.items()},
-                        "images_eligible": int(images.size),
-                        "token_pick": "uniform per image, numpy default_rng([seed, 0xC1A5])"},
+            "choices": {
+                "per_group": choices, "cls_source": cls_source,
+                "embeddings": _data.TOKENS_MEANING[tokens],
+                "images": {k: int(v.size) for k, v in parts.items()},
+                "images_eligible": int(images.size),
+                "test": feats.tested(tested_run, tested_ids, held_out, digest),
+                "outliers": {"threshold_run": info.threshold_run,
+                             "threshold": _data.threshold_of(lk, info.threshold_run),
+                             "rule": "pre-final-norm norm > the threshold run's 98th percentile "
+                                     "of patch norms (training and test images alike)"},
+                "token_pick": "uniform per image, numpy default_rng([seed, 0xC1A5]) (test run: "
+                              "[seed, 0x7E57])"},
         }
-        return result, {"weights.pt": torch_bytes(weights)}
+        return result, {"weights.pt": torch_bytes(weights), "test_images.parquet": listing}
 
     return run_cached(lake, run, "classify", config, compute, force=force)

@@ -8,7 +8,7 @@ memory-mapped chunks on demand (`TokenFeatures`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,16 @@ from tokenlake.store import Lake
 
 DEFAULT_CACHE_BYTES = 2 << 30  # hold features in memory up to 2 GiB, stream beyond
 GATHER_CHUNK = 65536
+DEFAULT_SEED = 42  # the paper: "All experiments use a random seed of 42"
+# Which embedding a probe reads. The paper's probes read the model's output tokens ("extracting
+# output tokens, unnormalized norms (before the final LayerNorm), and [CLS] tokens"): "post" is the
+# stored token with the run's saved final norm applied; "pre" is the stored token itself.
+TOKENS = ("post", "pre")
+TOKENS_MEANING = {
+    "post": "output tokens: the run's saved final norm applied to the stored tokens "
+            "(Lake.gather tokens='post')",
+    "pre": "stored tokens, before the final norm (Lake.gather tokens='pre')",
+}
 
 
 class ProbeError(ValueError):
@@ -31,6 +41,16 @@ def merge_hp(probe: str, defaults: dict[str, Any], given: dict[str, Any]) -> dic
     if unknown:
         raise TypeError(f"{probe}(): unknown hyper-parameter(s) {sorted(unknown)}")
     return {**defaults, **given}
+
+
+def check_tokens(lake: Lake, run: str, tokens: str) -> str:
+    """Validate `tokens`; for "post", fail now (the store's LakeError, which names the
+    re-extraction) when the run has no saved final norm, rather than after minutes of SQL."""
+    if tokens not in TOKENS:
+        raise ProbeError(f"tokens must be one of {TOKENS}, got {tokens!r}")
+    if tokens == "post":
+        lake.final_norm(run)  # never a silent fallback to the pre-norm tokens
+    return tokens
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -57,6 +77,10 @@ class RunInfo:
     random_weights: bool
     threshold_run: str
     fingerprint: str  # changes whenever the run's committed data changes
+
+    @property
+    def layout(self) -> dict[str, Any]:
+        return _mfield(self.manifest, "token_layout") or {}
 
     @property
     def mean_std(self) -> tuple[np.ndarray, np.ndarray]:
@@ -97,42 +121,70 @@ def run_info(lake: Lake, run: str) -> RunInfo:
     )
 
 
+# Only tokens with a stored embedding come back: a 'sample' run of 200k images has ~270M patch
+# rows, of which a few million are stored. The flag is the `outliers` view's rule, norm > the
+# `thresholds` view's 98th percentile of the threshold run (the same DOUBLE comparison).
 _PATCHES = """
-SELECT t.image_id, t.token, t."row", t.col, t.norm, t.slot, (o.token IS NOT NULL) AS outlier
-FROM tokens AS t
-LEFT JOIN (SELECT image_id, token FROM outliers WHERE run = $run) AS o USING (image_id, token)
-WHERE t.run = $run AND t.kind = 'patch'
-ORDER BY t.image_id, t.token
+SELECT image_id, token, "row", col, norm, slot, (norm > $threshold) AS outlier
+FROM tokens
+WHERE run = $run AND kind = 'patch' AND slot IS NOT NULL
+ORDER BY image_id, token
+"""
+_COUNTS = """
+SELECT count(*) AS n, count(*) FILTER (WHERE slot IS NULL) AS n_without_slot,
+       count(*) FILTER (WHERE norm > $threshold) AS n_outliers
+FROM tokens
+WHERE run = $run AND kind = 'patch'
 """
 
 
-def patch_index(lake: Lake, run: str, *, need_outliers: bool = True) -> dict[str, np.ndarray]:
-    """Patch tokens of `run` that have a stored slot, with the outlier flag of the `outliers` view.
+def threshold_of(lake: Lake, threshold_run: str) -> float:
+    """The outlier threshold a run's tokens are judged by: the 98th percentile of the patch norms
+    of `threshold_run` (the `thresholds` view, as the `outliers` view computes it). The paper:
+    "Outliers are defined as tokens exceeding the 98th percentile of the L2-norm distribution -
+    calculated on a per-model basis"."""
+    t = lake.sql("SELECT threshold FROM thresholds WHERE run = ?", params=[threshold_run])
+    if t.num_rows == 0 or t.column(0)[0].as_py() is None:
+        raise ProbeError(f"threshold run {threshold_run!r} has no patch tokens")
+    return float(t.column(0)[0].as_py())
 
-    Returns numpy columns image_id, token, row, col, norm, slot, outlier (+ counts of dropped tokens
-    under key 'n_without_slot'). Raises ProbeError when no patch embedding is stored or, with
+
+def patch_index(
+    lake: Lake, run: str, *, need_outliers: bool = True, threshold_run: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Patch tokens of `run` that have a stored slot, flagged outlier by the `outliers` view's rule:
+    norm > the threshold of the run's threshold_run (or of `threshold_run` when given: a test run
+    judged by its training run's rule).
+
+    Returns numpy columns image_id, token, row, col, norm, slot, outlier, and the counts
+    'n_without_slot' (patch tokens without a stored embedding), 'n_outliers_total' (stored or
+    not) and the 'threshold'. Raises ProbeError when no patch embedding is stored or, with
     need_outliers, when the run has no (stored) outlier token.
     """
-    t = lake.sql(_PATCHES, params={"run": run})
-    if t.num_rows == 0:
+    if threshold_run is None:
+        thr = lake.sql("SELECT threshold_run FROM runs WHERE run = ?", params=[run]).to_pylist()
+        threshold_run = thr[0]["threshold_run"] if thr else run
+    params = {"run": run, "threshold": threshold_of(lake, threshold_run)}
+    counts = lake.sql(_COUNTS, params=params).to_pylist()[0]
+    if counts["n"] == 0:
         raise ProbeError(f"run {run!r} has no patch tokens")
-    cols = {c: t.column(c).to_numpy(zero_copy_only=False) for c in
-            ("image_id", "token", "row", "col", "norm", "outlier")}
-    slot = t.column("slot")
-    has = ~np.asarray(slot.is_null().to_numpy(zero_copy_only=False))
-    if not has.any():
+    t = lake.sql(_PATCHES, params=params)
+    if t.num_rows == 0:
         pol = _mfield(lake.manifest(run), "policy")
         raise ProbeError(
             f"run {run!r} stores no patch-token embeddings (policy {pol!r}); position, "
             "reconstruct, classify (normal/outlier) and sweep need a run extracted with "
             "--policy all or sample"
         )
-    out = {k: np.asarray(v)[has] for k, v in cols.items()}
-    out["slot"] = slot.fill_null(-1).to_numpy()[has].astype(np.int64)
-    out["outlier"] = out["outlier"].astype(bool)
-    out["row"], out["col"] = out["row"].astype(np.int64), out["col"].astype(np.int64)
-    out["n_without_slot"] = np.int64((~has).sum())
-    out["n_outliers_total"] = np.int64(np.asarray(cols["outlier"]).astype(bool).sum())
+    out = {c: np.asarray(t.column(c).to_numpy(zero_copy_only=False)) for c in
+           ("image_id", "token", "norm")}
+    out["slot"] = t.column("slot").to_numpy().astype(np.int64)
+    out["outlier"] = t.column("outlier").to_numpy(zero_copy_only=False).astype(bool)
+    out["row"] = t.column("row").to_numpy().astype(np.int64)
+    out["col"] = t.column("col").to_numpy().astype(np.int64)
+    out["n_without_slot"] = np.int64(counts["n_without_slot"])
+    out["n_outliers_total"] = np.int64(counts["n_outliers"])
+    out["threshold"] = np.float64(params["threshold"])
     if need_outliers and not out["outlier"].any():
         detail = (
             f"{int(out['n_outliers_total'])} outlier(s) exist but none has a stored embedding"
@@ -174,20 +226,38 @@ def split_images(
     }
 
 
+def split_train_val(
+    image_ids: np.ndarray, seed: int, val_fraction: float
+) -> dict[str, np.ndarray]:
+    """Seeded split of the distinct image ids into train / val (sorted id arrays), for probes whose
+    test images come from another run. Same permutation as `split_images`."""
+    ids = np.unique(image_ids)
+    perm = np.random.default_rng([seed, 0x5EED]).permutation(ids)
+    n_val = max(1, round(val_fraction * ids.size))
+    if ids.size - n_val < 1:
+        raise ProbeError(f"too few images ({ids.size}) to hold out a validation part")
+    return {"train": np.sort(perm[n_val:]), "val": np.sort(perm[:n_val])}
+
+
 class TokenFeatures:
     """Embeddings (and optionally pixels) of a list of slots: in memory if they fit, else streamed.
 
     `get(idx)` returns float32 embeddings [len(idx), D] (and uint8 pixels) for positions `idx` into
     `slots`. In streaming mode each call is one `Lake.gather` over the memory-mapped chunks.
+    `tokens` ("post" | "pre") is passed to `Lake.gather`. `cells(positions)`, when given, supplies
+    the pixels instead of the stored cell under each slot (PVT's receptive-field-centred cells).
     """
 
     def __init__(
-        self, lake: Lake, run: str, slots: np.ndarray, *, pixels: bool = False,
+        self, lake: Lake, run: str, slots: np.ndarray, *, tokens: str, pixels: bool = False,
+        cells: Callable[[np.ndarray], np.ndarray] | None = None,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         self.lake, self.run, self.slots, self.pixels = lake, run, np.asarray(slots, np.int64), pixels
+        self.tokens, self.cells = tokens, cells
         lay = lake.layout(run).arrays
-        row = int(np.prod(lay["tokens"].shape)) * 2
+        # post tokens are float32 in memory, the stored ones float16
+        row = int(np.prod(lay["tokens"].shape)) * (4 if tokens == "post" else 2)
         if pixels:
             if "pixels" not in lay:
                 raise ProbeError(f"run {run!r} has no pixels array")
@@ -197,27 +267,33 @@ class TokenFeatures:
         if self.cached:
             embs, pixs = [], []
             for s in range(0, self.slots.size, GATHER_CHUNK):
-                got = lake.gather(run, self.slots[s:s + GATHER_CHUNK], pixels=pixels)
-                if pixels:
-                    embs.append(got[0])
-                    pixs.append(got[1])
-                else:
-                    embs.append(got)
-            self._emb = np.concatenate(embs) if embs else np.zeros((0, *lay["tokens"].shape),
-                                                                    np.float16)
+                emb, pix = self._read(np.arange(s, min(s + GATHER_CHUNK, self.slots.size)))
+                embs.append(emb)
+                pixs.append(pix)
+            self._emb = (np.concatenate(embs) if embs else np.zeros(
+                (0, *lay["tokens"].shape), np.float32 if tokens == "post" else np.float16))
             if pixels:
-                self._pix = np.concatenate(pixs)
+                self._pix = np.concatenate(pixs) if pixs else np.zeros(
+                    (0, *lay["pixels"].shape), np.uint8)
+
+    def _read(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        stored_pixels = self.pixels and self.cells is None
+        got = self.lake.gather(self.run, self.slots[idx], tokens=self.tokens,
+                               pixels=stored_pixels)
+        emb, pix = got if stored_pixels else (got, None)
+        if self.pixels and self.cells is not None:
+            pix = self.cells(idx)
+        return emb, pix  # float16 (pre) or float32 (post); get() hands out float32
 
     def __len__(self) -> int:
         return int(self.slots.size)
 
     def get(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if self.cached:
-            return self._emb[idx].astype(np.float32), (self._pix[idx] if self.pixels else None)
-        got = self.lake.gather(self.run, self.slots[idx], pixels=self.pixels)
-        if self.pixels:
-            return got[0].astype(np.float32), got[1]
-        return got.astype(np.float32), None
+            emb, pix = self._emb[idx], (self._pix[idx] if self.pixels else None)
+        else:
+            emb, pix = self._read(idx)
+        return emb.astype(np.float32, copy=False), pix
 
 
 def batch_indices(

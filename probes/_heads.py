@@ -1,5 +1,9 @@
 """DINOv2's official linear heads on cached features (paper Table 4).
 
+The paper: "We evaluate pretrained DINOv2 models - trained with and without registers - alongside
+the pretrained 1-layer classifier heads from the official DINOv2 repository. These models are
+assessed on the ImageNet-1K validation set, with performance reported as top-1 accuracy."
+
 The official 1-layer heads (facebookresearch/dinov2, `dinov2_vit{s,b,l,g}14_linear_head.pth` and
 `dinov2_vit{s,b,l,g}14_reg4_linear_head.pth`) are nn.Linear((1 + 1) * D, 1000) state dicts with
 `weight` [1000, 2D] and `bias` [1000]. Their input is concat[CLS after the final norm, mean of the
@@ -72,7 +76,7 @@ def head_top1(lk, run: str, weight: torch.Tensor, bias: torch.Tensor, image_ids:
 
 def heads(
     lake: str | Path, run: str, head: str | Path, *, device: str | None = None,
-    force: bool = False, seed: int = 0, quiet: bool = False,
+    force: bool = False, seed: int = _data.DEFAULT_SEED, quiet: bool = False,
 ) -> dict[str, Any]:
     """Top-1 of a pretrained DINOv2 linear head on the cached features of `run` (no training)."""
     lk = open_lake(lake)
@@ -84,8 +88,9 @@ def heads(
     if not head.is_file():
         raise FileNotFoundError(f"no head file {str(head)!r}")
     sha = hashlib.sha256(head.read_bytes()).hexdigest()
+    # the image arrays are output (post-norm) features: "tokens" says so for the report
     config = {"run": run, "run_fingerprint": info.fingerprint, "head_sha256": sha,
-              "head_file": head.name, "input": "cls_post || patch_mean_post"}
+              "head_file": head.name, "input": "cls_post || patch_mean_post", "tokens": "post"}
     dev = _data.resolve_device(device)
 
     def compute():

@@ -1,5 +1,12 @@
 """Position probe (paper Table 1): a linear layer maps a patch token to its grid index.
 
+The paper: "This task is formulated as classification, where each token predicts its original
+patch position. [...] A linear layer maps the token embedding (D) to an integer in
+[0, (Y/P)^2 - 1], which is then converted to a grid coordinate. Training uses cross-entropy (CE)
+and mean squared error (MSE) loss, reporting top-1 accuracy and L2 distance to the ground-truth
+position. The total loss is CE + 0.5 x MSE". Token embeddings: the output tokens by default
+(`tokens`, _data.TOKENS); normal/outlier from the pre-norm norm column (the `outliers` view).
+
 Loss: CE over the gh*gw positions + mse_weight * MSE between the softmax-expected (row, col) and the
 true (row, col), both divided by (gh-1, gw-1) so the MSE lives in [0, 1] like the CE's scale.
 One probe is trained on all stored patch tokens of the training images and evaluated on the
@@ -37,18 +44,24 @@ DEFAULTS: dict[str, Any] = {
 def centre_baseline(gh: int, gw: int) -> float:
     """Mean L2 distance (grid cells) from every cell of a uniform gh x gw grid to its centre.
 
+    The paper (Table 1): average L2 distance "is susceptible to trivial solutions (e.g., always
+    predicting the image center), especially under uniform distributions like ours. We report
+    this trivial solution in the Baseline column".
+
     The centre is ((gh-1)/2, (gw-1)/2): 14.15 for 37x37, 5.35 for 14x14 (paper Table 1).
     """
     r, c = np.divmod(np.arange(gh * gw), gw)
     return float(np.hypot(r - (gh - 1) / 2, c - (gw - 1) / 2).mean())
 
 
-def _config(info: _data.RunInfo, tinfo_fp: str, seed: int, hp: dict[str, Any]) -> dict[str, Any]:
+def _config(info: _data.RunInfo, tinfo_fp: str, seed: int, tokens: str,
+            hp: dict[str, Any]) -> dict[str, Any]:
     spec = TrainSpec("adam", tuple(hp["lrs"]), hp["weight_decay"], hp["batch_size"],
                      hp["max_epochs"], hp["patience"])
     return {
         "run": info.run, "run_fingerprint": info.fingerprint, "threshold_run": info.threshold_run,
-        "threshold_run_fingerprint": tinfo_fp, "seed": seed, "train": spec.to_dict(),
+        "threshold_run_fingerprint": tinfo_fp, "seed": seed, "tokens": tokens,
+        "train": spec.to_dict(),
         "split": {"train": round(1 - hp["val_fraction"] - hp["test_fraction"], 6),
                   "val": hp["val_fraction"], "test": hp["test_fraction"], "by": "image"},
         "mse_weight": hp["mse_weight"], "standardize": hp["standardize"],
@@ -91,22 +104,24 @@ def predict_positions(head, feats, idx, *, batch_size, device, mu, sd) -> np.nda
 
 
 def position(
-    lake: str | Path, run: str, *, device: str | None = None, force: bool = False, seed: int = 0,
-    quiet: bool = False, **hp: Any,
+    lake: str | Path, run: str, *, tokens: str = "post", device: str | None = None,
+    force: bool = False, seed: int = _data.DEFAULT_SEED, quiet: bool = False, **hp: Any,
 ) -> dict[str, Any]:
-    """Train (or reuse) the position probe of `run`; returns the result dict (see README)."""
+    """Train (or reuse) the position probe of `run` on its `tokens` ("post": output tokens, "pre":
+    before the final norm); returns the result dict (see README)."""
     hp = _data.merge_hp("position", DEFAULTS, hp)
     lk = open_lake(lake)
     info = _data.run_info(lk, run)
+    _data.check_tokens(lk, run, tokens)
     tfp = _data.run_info(lk, info.threshold_run).fingerprint if info.threshold_run != run else ""
-    config = _config(info, tfp, seed, hp)
+    config = _config(info, tfp, seed, tokens, hp)
     dev = _data.resolve_device(device)
 
     def compute():
         idx = _data.patch_index(lk, run)
         gh, gw = info.grid
         sp, parts = split_parts(idx, config, seed)
-        feats = _data.TokenFeatures(lk, run, idx["slot"])
+        feats = _data.TokenFeatures(lk, run, idx["slot"], tokens=tokens)
         if hp["standardize"]:
             mu_np, sd_np = _data.fit_standardizer(feats, parts["train"], seed)
         else:
@@ -158,7 +173,7 @@ def position(
             "metrics": metrics,
             "choices": {
                 **_choices(outcome, spec, dev, feats.cached),
-                "grid": [gh, gw], "loss": "CE + mse_weight * MSE(softmax-expected (row, col) / "
+                "embeddings": _data.TOKENS_MEANING[tokens], "grid": [gh, gw], "loss": "CE + mse_weight * MSE(softmax-expected (row, col) / "
                 "(gh-1, gw-1), true (row, col) / (gh-1, gw-1))",
                 "images": {k: int(v.size) for k, v in sp.items()},
                 "tokens": {k: int(v.size) for k, v in parts.items()},

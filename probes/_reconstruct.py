@@ -1,7 +1,11 @@
 """Pixel reconstruction probe (paper Table 2): a linear layer maps a patch token to its P x P x 3 pixels.
 
-Targets are the stored pixels normalised as the model's input: (pixels / 255 - mean) / std with the
-run manifest's data_config. Loss: MSE (mean over values); AdamW; cosine; early stopping on the
+The paper: "A linear layer reconstructs the image patch from token embeddings (D), outputting
+P^2 x 3 values (flattened RGB patch). Training minimizes MSE loss with AdamW [...] using a cosine
+learning rate schedule for up to 30 epochs, with early stopping (patience = 3) based on validation
+MSE." Token embeddings: the output tokens by default (`tokens`, see _data.TOKENS). Targets are the
+`target` cells (aligned | centred, probes/_cells.py) normalised as the model's input:
+(pixels / 255 - mean) / std with the run manifest's data_config. Loss: MSE (mean over values); AdamW; cosine; early stopping on the
 validation per-patch squared L2 error. Reported: per-patch squared L2 error (sum over P*P*3) on the
 test images, for normal and outlier tokens, and the error of always predicting the training
 mean patch ("mean_patch" baseline).
@@ -15,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tokenlake.probes import _data
+from tokenlake.probes import _cells, _data
 from tokenlake.probes._position import _choices, split_parts
 from tokenlake.probes._results import run_cached, torch_bytes
 from tokenlake.probes._train import TrainSpec, apply_head, train_linear
@@ -35,22 +39,28 @@ DEFAULTS: dict[str, Any] = {
 
 
 def reconstruct(
-    lake: str | Path, run: str, *, device: str | None = None, force: bool = False, seed: int = 0,
+    lake: str | Path, run: str, *, tokens: str = "post", target: str = "aligned",
+    device: str | None = None, force: bool = False, seed: int = _data.DEFAULT_SEED,
     quiet: bool = False, **hp: Any,
 ) -> dict[str, Any]:
-    """Train (or reuse) the pixel-reconstruction probe of `run`."""
+    """Train (or reuse) the pixel-reconstruction probe of `run` on its `tokens` ("post": output
+    tokens, "pre": before the final norm), reconstructing the `target` cells ("aligned" |
+    "centred"; they differ for PVT only)."""
     hp = _data.merge_hp("reconstruct", DEFAULTS, hp)
     lk = open_lake(lake)
     info = _data.run_info(lk, run)
     if info.cell is None:
         raise _data.ProbeError(f"run {run!r} has no pixels array")
+    _data.check_tokens(lk, run, tokens)
+    cells = _cells.plan_cells(lk, run, info, target)
     mean, std = info.mean_std
     tfp = _data.run_info(lk, info.threshold_run).fingerprint if info.threshold_run != run else ""
     spec = TrainSpec("adamw", tuple(hp["lrs"]), hp["weight_decay"], hp["batch_size"],
                      hp["max_epochs"], hp["patience"])
     config = {
         "run": run, "run_fingerprint": info.fingerprint, "threshold_run": info.threshold_run,
-        "threshold_run_fingerprint": tfp, "seed": seed, "train": spec.to_dict(),
+        "threshold_run_fingerprint": tfp, "seed": seed, "tokens": tokens, "target": target,
+        "train": spec.to_dict(),
         "split": {"train": round(1 - hp["val_fraction"] - hp["test_fraction"], 6),
                   "val": hp["val_fraction"], "test": hp["test_fraction"], "by": "image"},
         "standardize": hp["standardize"], "max_train_tokens": hp["max_train_tokens"],
@@ -61,7 +71,10 @@ def reconstruct(
     def compute():
         idx = _data.patch_index(lk, run)
         sp, parts = split_parts(idx, config, seed)
-        feats = _data.TokenFeatures(lk, run, idx["slot"], pixels=True)
+        reader = (_cells.centred_reader(lk, run, _cells.neighbour_slots(idx, info.grid),
+                                        -cells.rf_offset, info.cell) if cells.derive else None)
+        feats = _data.TokenFeatures(lk, run, idx["slot"], tokens=tokens, pixels=True,
+                                    cells=reader)
         if hp["standardize"]:
             mu_np, sd_np = _data.fit_standardizer(feats, parts["train"], seed)
         else:
@@ -120,7 +133,8 @@ def reconstruct(
             "metrics": metrics,
             "choices": {
                 **_choices(outcome, spec, dev, feats.cached),
-                "cell": info.cell, "loss": "MSE over P*P*3 normalised pixel values",
+                "cell": info.cell, "embeddings": _data.TOKENS_MEANING[tokens],
+                "target": cells.to_dict(), "loss": "MSE over P*P*3 normalised pixel values",
                 "metric": "per-patch squared L2 error = sum over P*P*3 of squared error "
                           "(normalised pixel space), mean over the group's test tokens",
                 "images": {k: int(v.size) for k, v in sp.items()},

@@ -1,5 +1,10 @@
 """Linear heads with and without registers (paper Table 5).
 
+The paper: "CLS + Patch Mean: Concatenation of the [CLS] token and the mean of the output patch
+tokens. CLS + Patch Mean + Registers [...] Patch Mean + Registers [...] These linear models are
+trained for 20 epochs using SGD with a cosine learning rate scheduler, and we report top-1
+accuracy on the validation set."
+
 Three representations of each image, all after the final norm: cls_pm = cls_post || patch_mean_post,
 cls_pm_reg = cls_pm || registers_post (flattened), pm_reg = patch_mean_post || registers_post.
 SGD (momentum 0.9), cosine, 20 epochs, lr grid; each head keeps its best-validation epoch.
@@ -44,7 +49,8 @@ REPRESENTATIONS = {
 
 def registers(
     lake: str | Path, run: str, *, head: str | Path | None = None, train_run: str | None = None,
-    device: str | None = None, force: bool = False, seed: int = 0, quiet: bool = False,
+    device: str | None = None, force: bool = False, seed: int = _data.DEFAULT_SEED,
+    quiet: bool = False,
     **hp: Any,
 ) -> dict[str, Any]:
     """Train (or reuse) the three Table-5 heads of `run`."""
@@ -62,7 +68,8 @@ def registers(
     config = {
         "run": run, "run_fingerprint": info.fingerprint, "train_run": train_run,
         "train_run_fingerprint": _data.run_info(lk, train_run).fingerprint if train_run else None,
-        "seed": seed, "train": spec.to_dict(),
+        "seed": seed, "tokens": "post",  # cls_post, patch_mean_post, registers_post: output
+        "train": spec.to_dict(),
         "split": ({"train": round(1 - hp["val_fraction"], 6), "val": hp["val_fraction"],
                    "test": "all of run", "by": "image"} if train_run else
                   {"train": round(1 - hp["val_fraction"] - hp["test_fraction"], 6),

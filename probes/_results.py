@@ -13,7 +13,8 @@ import torch
 
 from tokenlake import store
 
-PROBE_VERSION = 1  # bump when a probe's computation changes: old results are not reused
+PROBE_VERSION = 2  # bump when a probe's computation changes: old results are not reused
+# 2: probes read output (post-norm) tokens by default, seed 42, classify test_run, PVT targets
 
 
 def rows_from_metrics(metrics: dict[str, dict[str, float]]) -> list[tuple[str, str, float]]:

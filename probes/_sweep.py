@@ -1,5 +1,9 @@
 """Norm-threshold sweep of the trained position probe (paper appendix B, Figure 11).
 
+The paper: "we evaluate the trained position predictor with outliers separated at various
+thresholds, i.e., top 2%, 5%, and so forth. [...] Outliers are designated progressively, starting
+from the top 50% tokens in terms of norm down to the top 2%."
+
 For each top-k% (50% down to 2%), the threshold is the (1 - k/100)-quantile of the run's own patch
 norms (`thresholds_at` view macro, over every patch token of the run); the position probe (trained
 or reused with the given position hyper-parameters) is evaluated on the stored patch tokens of its
@@ -25,7 +29,8 @@ from tokenlake.store import open_lake
 DEFAULT_TOPS = (50.0, 40.0, 30.0, 20.0, 10.0, 5.0, 2.0)
 
 
-def _figure(rows: list[dict[str, Any]], *, run: str, random_weights: bool, normal_top1, chance):
+def _figure(rows: list[dict[str, Any]], *, run: str, random_weights: bool, normal_top1, chance,
+            tokens: str):
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -39,7 +44,7 @@ def _figure(rows: list[dict[str, Any]], *, run: str, random_weights: bool, norma
         ax.axhline(normal_top1, color="grey", ls="--", lw=1, label="all test tokens")
     ax.axhline(chance, color="k", ls=":", lw=1, label="chance")
     ax.set_xlabel("tokens kept: top % by pre-final-norm L2 norm")
-    ax.set_ylabel("position probe top-1 accuracy (%)")
+    ax.set_ylabel(f"position probe top-1 accuracy (%), {tokens}-norm tokens")
     ax.invert_xaxis()
     ax.legend(fontsize=8)
     title = f"Position probe vs norm threshold - {run}"
@@ -55,19 +60,23 @@ def _figure(rows: list[dict[str, Any]], *, run: str, random_weights: bool, norma
 
 
 def sweep(
-    lake: str | Path, run: str, *, device: str | None = None, force: bool = False, seed: int = 0,
-    quiet: bool = False, tops: tuple[float, ...] = DEFAULT_TOPS, **position_hp: Any,
+    lake: str | Path, run: str, *, tokens: str = "post", device: str | None = None,
+    force: bool = False, seed: int = _data.DEFAULT_SEED, quiet: bool = False,
+    tops: tuple[float, ...] = DEFAULT_TOPS, **position_hp: Any,
 ) -> dict[str, Any]:
     """Top-1 of the trained position probe on tokens above each norm threshold (table + figure).
 
-    `force` retrains the position probe too. The figure is `sweep.png` in the result directory.
+    The position probe reads `tokens` ("post" | "pre"); the thresholds are on the pre-norm norm
+    column. `force` retrains the position probe too. The figure is `sweep.png` in the result
+    directory.
     """
     hp = {**POSITION_DEFAULTS, **position_hp}
-    pos = position(lake, run, device=device, force=force, seed=seed, quiet=quiet, **position_hp)
+    pos = position(lake, run, tokens=tokens, device=device, force=force, seed=seed, quiet=quiet,
+                   **position_hp)
     lk = open_lake(lake)
     info = _data.run_info(lk, run)
     tops = tuple(float(t) for t in tops)
-    config = {"run": run, "run_fingerprint": info.fingerprint, "seed": seed,
+    config = {"run": run, "run_fingerprint": info.fingerprint, "seed": seed, "tokens": tokens,
               "position_config_hash": pos["config_hash"], "tops_pct": list(tops),
               "position_hp": {k: (list(v) if isinstance(v, tuple) else v) for k, v in hp.items()}}
     dev = _data.resolve_device(device)
@@ -80,7 +89,7 @@ def sweep(
         head = torch.nn.Linear(w["weight"].shape[1], w["weight"].shape[0])
         head.load_state_dict({"weight": w["weight"], "bias": w["bias"]})
         test = parts["test"]
-        feats = _data.TokenFeatures(lk, run, idx["slot"][test])
+        feats = _data.TokenFeatures(lk, run, idx["slot"][test], tokens=tokens)
         pred = predict_positions(head.eval(), feats, np.arange(test.size), batch_size=4096,
                                  device=dev, mu=w["mu"].to(dev), sd=w["sd"].to(dev))
         y = idx["row"][test] * gw + idx["col"][test]
@@ -98,9 +107,10 @@ def sweep(
         all_top1 = float(100.0 * np.mean(pred == y)) if y.size else None
         metrics["all"] = {"top1": all_top1, "n": float(y.size)}
         png = _figure(rows, run=run, random_weights=info.random_weights, normal_top1=all_top1,
-                      chance=100.0 / (gh * gw))
+                      chance=100.0 / (gh * gw), tokens=tokens)
         result = {"metrics": metrics, "table": rows,
                   "choices": {"position_result": pos["path"], "device": str(dev),
+                              "embeddings": _data.TOKENS_MEANING[tokens],
                               "random_weights": info.random_weights,
                               "thresholds": "thresholds_at(1 - top/100) of this run's patch norms",
                               "evaluated_on": "stored patch tokens of the position probe's "

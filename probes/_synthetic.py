@@ -8,6 +8,15 @@ Every embedding is [pos part | pixel part]:
   (position scrambled, class carried), pixel part = noise (pixels not decodable);
 * cls token: noise.  Image arrays: cls_post / patch_mean_post noise, registers_post carries the
   class (register_signal) or noise.
+
+`seed` fixes the "model" (E, C, the final norm); `image_seed`, when given, draws the images
+(labels, noise, pixels, outliers) apart from it: two runs with one seed and different image_seeds
+are one model over different images (a training run and its test run). `final_norm` is written as
+the run's final norm ("identity", "layer_norm" with a seeded affine, a dict, or None: a run
+written before final norms were saved). `token_scale` hides the planted signal from the stored
+tokens but not from the output tokens: every token gets two filler dimensions that give it zero
+mean and one sum of squares (a LayerNorm maps it to a fixed multiple of itself), then is
+multiplied by a seeded factor in [1/token_scale, token_scale].
 """
 
 from __future__ import annotations
@@ -44,18 +53,33 @@ def planted_run(
     graded_noise: float | None = None,
     random_weights: bool = False,
     seed: int = 0,
+    image_seed: int | None = None,
     shard_size: int | None = None,
+    final_norm: str | dict[str, Any] | None = "identity",
+    token_scale: float | None = None,
+    unstored: float = 0.0,
+    norm_scale: float = 1.0,
+    source_prefix: str = "img",
+    layout: dict[str, Any] | None = None,
+    manifest_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the run; returns the ground truth (labels, outlier mask, embeddings dims)."""
-    rng = np.random.default_rng(seed)
+    """Write the run; returns the ground truth (labels, outlier mask, embeddings dims).
+
+    unstored: fraction of normal patch tokens written without a stored embedding (slot NULL).
+    norm_scale: multiplies the norm column (normals 10, outliers 100 at 1.0).
+    layout / manifest_extra: overrides of the manifest's token_layout / top-level fields.
+    """
+    model_rng = rng = np.random.default_rng(seed)
+    if image_seed is not None:  # else one stream: runs written before image_seed are unchanged
+        rng = np.random.default_rng([seed, image_seed])
     n_pix = patch * patch * 3
     dim = pos_dim + n_pix
     n_patch = grid * grid
     n_pre = 1 + n_reg
     n_tok = n_pre + n_patch
     label = rng.integers(0, n_classes, n_images)
-    E = rng.standard_normal((n_patch, pos_dim)).astype(np.float32)
-    C = rng.standard_normal((n_classes, pos_dim)).astype(np.float32)
+    E = model_rng.standard_normal((n_patch, pos_dim)).astype(np.float32)
+    C = model_rng.standard_normal((n_classes, pos_dim)).astype(np.float32)
     C /= np.linalg.norm(C, axis=1, keepdims=True) / np.sqrt(pos_dim)
     has_out = (rng.random(n_images) < p_outlier) & (not all_outlier_free)
     out_pos = rng.integers(0, n_patch, n_images)
@@ -83,6 +107,12 @@ def planted_run(
         emb[i, n_pre + p, :pos_dim] = E[rng.integers(0, n_patch)] + class_scale * C[label[i]]
         emb[i, n_pre + p, pos_dim:] = rng.standard_normal(n_pix) * 2.0
 
+    emb = emb.reshape(-1, dim)
+    if token_scale is not None:
+        emb = _scale_invariant(emb) * np.exp(
+            rng.uniform(-1, 1, (len(emb), 1)) * np.log(token_scale)).astype(np.float32)
+    dim = emb.shape[1]
+    norm *= np.float32(norm_scale)
     ids = np.arange(n_images, dtype=np.int64)
     kinds = ["cls"] + ["reg"] * n_reg + ["patch"] * n_patch
     is_patch = np.tile(np.array(kinds) == "patch", n_images)
@@ -90,7 +120,13 @@ def planted_run(
     rc[n_pre:] = np.stack(np.divmod(np.arange(n_patch), grid), 1)
     rc = np.tile(rc, (n_images, 1))
     slot = np.arange(n_images * n_tok, dtype=np.int64)
-    slot_arr = pa.array(slot, mask=is_patch if not store_patches else None)
+    missing = is_patch if not store_patches else np.zeros_like(is_patch)
+    if unstored:
+        flat_out = np.zeros((n_images, n_tok), bool)
+        flat_out[:, n_pre:] = outlier
+        missing = missing | (is_patch & ~flat_out.reshape(-1)
+                             & (rng.random(is_patch.size) < unstored))
+    slot_arr = pa.array(slot, mask=missing)
     tokens = pa.table({
         "image_id": np.repeat(ids, n_tok),
         "token": np.tile(np.arange(n_tok, dtype=np.int32), n_images),
@@ -106,7 +142,7 @@ def planted_run(
     images = pa.table({
         "image_id": ids,
         "source_index": ids,
-        "source_id": pa.array([f"img{i}.jpg" for i in ids], pa.string()),
+        "source_id": pa.array([f"{source_prefix}{i}.jpg" for i in ids], pa.string()),
         "label": pa.array(label, pa.int64(), mask=np.full(n_images, not labels)),
         "width": np.full(n_images, grid * patch, np.int32),
         "height": np.full(n_images, grid * patch, np.int32),
@@ -116,7 +152,7 @@ def planted_run(
     })
     img_dim = 16
     arrays = {
-        "tokens": emb.reshape(-1, dim).astype(np.float16),
+        "tokens": emb.astype(np.float16),
         "pixels": pixels.reshape(-1, patch, patch, 3),
         "cls_post": rng.standard_normal((n_images, img_dim)).astype(np.float32),
         "patch_mean_post": rng.standard_normal((n_images, img_dim)).astype(np.float32),
@@ -124,7 +160,7 @@ def planted_run(
     if n_reg:
         reg = rng.standard_normal((n_images, n_reg, img_dim)).astype(np.float32)
         if register_signal:
-            Cr = rng.standard_normal((n_classes, img_dim)).astype(np.float32) * 2.0
+            Cr = model_rng.standard_normal((n_classes, img_dim)).astype(np.float32) * 2.0
             reg[:, 0] += Cr[label]
         arrays["registers_post"] = reg
     manifest = {
@@ -132,9 +168,33 @@ def planted_run(
         "policy": "all" if store_patches else "summary", "weights": "planted",
         "random_weights": random_weights,
         "token_layout": {"family": "vit", "n_cls": 1, "n_reg": n_reg, "grid": [grid, grid],
-                         "cell": patch, "pixel_offset": 0, "embed_dim": dim, "depth": 1},
+                         "cell": patch, "pixel_offset": 0, "embed_dim": dim, "depth": 1,
+                         **(layout or {})},
         "data_config": {"img_size": grid * patch, "mean": list(MEAN), "std": list(STD)},
+        **(manifest_extra or {}),
     }
     store.write_run(lake, run, images=images, tokens=tokens, arrays=arrays, manifest=manifest,
-                    shard_size=shard_size)
+                    shard_size=shard_size, final_norm=_final_norm(final_norm, dim, model_rng))
     return {"label": label, "outlier": outlier, "dim": dim, "n_classes": n_classes}
+
+
+def _scale_invariant(x: np.ndarray) -> np.ndarray:
+    """x [n, d] -> [n, d + 2]: two filler values per row make every row's mean 0 and its sum of
+    squares the same, so a LayerNorm maps each row to one fixed multiple of itself."""
+    s, q = x.sum(1, dtype=np.float64), np.square(x, dtype=np.float64).sum(1)
+    k = float((q + s**2 / 2).max()) * 1.1  # a + b = -s, a^2 + b^2 = k - q needs 2(k - q) >= s^2
+    root = np.sqrt(2 * (k - q) - s**2)
+    return np.concatenate([x, np.stack([(-s + root) / 2, (-s - root) / 2], 1)], 1).astype(
+        np.float32)
+
+
+def _final_norm(kind: str | dict[str, Any] | None, dim: int, rng) -> dict[str, Any] | None:
+    if kind is None or isinstance(kind, dict):
+        return kind
+    if kind == "identity":
+        return {"type": "identity", "dim": dim}
+    if kind == "layer_norm":  # a non-trivial affine: a fresh LayerNorm's would hide its absence
+        return {"type": "layer_norm", "dim": dim, "eps": 1e-6,
+                "weight": rng.uniform(0.5, 2.0, dim).astype(np.float32),
+                "bias": rng.standard_normal(dim).astype(np.float32)}
+    raise ValueError(f"final_norm {kind!r}: 'identity', 'layer_norm', a dict or None")

@@ -23,6 +23,25 @@ def test_reference_runs_come_before_the_runs_that_need_them():
             assert run.test_time_registers.rpartition(":")[0] in names[:i], run.name()
 
 
+def test_every_probe_reads_a_run_of_the_file():
+    exp = _experiments.load(PAPER)
+    names = {r.name() for r in exp.runs}
+    for p in exp.probes:
+        for key in ("run", "train_run", "test_run"):
+            if key in p:
+                assert p[key] in names, (p["name"], key, p[key])
+
+
+def test_table4_and_5_runs_use_dinov2s_evaluation_recipe_in_fp32():
+    """The paper compares heads 0.4-0.7 points apart: the official input and full precision."""
+    exp = _experiments.load(PAPER)
+    heads = [r for r in exp.runs if r.model.startswith("dinov2") and r.img_size == 224]
+    assert len(heads) == 11  # 8 val50k (4 sizes x +-registers) and 3 train200k (Table 5)
+    for r in heads:
+        assert (r.preprocess, r.precision) == ("dinov2-eval", "fp32"), r.name()
+        assert r.name().endswith("-dinov2eval")
+
+
 def test_the_whole_paper_fits_three_gpu_hours(capsys):
     exp = _experiments.load(PAPER)
     hours = _experiments.print_plan(exp, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import numpy as np
@@ -12,7 +13,7 @@ from tokenlake import probes
 from tokenlake.cli import _probe_cmd
 from tokenlake.probes import ProbeError
 from tokenlake.probes._synthetic import planted_run
-from tokenlake.store import open_lake
+from tokenlake.store import LakeError, open_lake
 
 SMALL = {"max_epochs": 4, "lrs": (1e-2,)}
 
@@ -142,3 +143,94 @@ def test_cli_probe(lake, capsys):
     assert res["reused"] is True and res["config"]["train"]["lrs"] == [0.01, 0.03]
     assert _probe_cmd.main(["probe", "registers", "--lake", str(lake), "--run", "small",
                             "--patience", "2"]) == 2
+
+
+def test_seed_defaults_to_42(lake, capsys):
+    """The paper: "All experiments use a random seed of 42" - Python API and CLI alike."""
+    for name in probes.PROBES:
+        assert inspect.signature(getattr(probes, name)).parameters["seed"].default == 42, name
+    r = probes.position(lake, "small", quiet=True, **SMALL)
+    assert r["config"]["seed"] == 42
+    rc = _probe_cmd.main(["probe", "position", "--lake", str(lake), "--run", "small", "--quiet",
+                          "--max-epochs", "4", "--lrs", "0.01", "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert rc == 0 and res["reused"] is True and res["config_hash"] == r["config_hash"]
+
+
+def test_tokens_recorded(lake, tmp_path):
+    """Every probe's config says which embeddings it read: "post" by default, "pre" on request;
+    heads and registers read post-norm image arrays and say "post"."""
+    for fn in (probes.position, probes.reconstruct, probes.classify):
+        post = fn(lake, "small", quiet=True, **SMALL)
+        pre = fn(lake, "small", quiet=True, tokens="pre", **SMALL)
+        assert post["config"]["tokens"] == "post" and pre["config"]["tokens"] == "pre"
+        assert post["config_hash"] != pre["config_hash"]
+        assert "output tokens" in json.dumps(post["choices"])
+    sw = probes.sweep(lake, "small", quiet=True, tokens="pre", tops=(50.0,), **SMALL)
+    assert sw["config"]["tokens"] == "pre"
+    with pytest.raises(ProbeError, match="tokens must be one of"):
+        probes.position(lake, "small", quiet=True, tokens="output", **SMALL)
+    planted_run(tmp_path, "reg", n_images=40, grid=4, n_reg=2, seed=2)
+    head = tmp_path / "head.pth"
+    torch.save(torch.nn.Linear(32, 4).state_dict(), head)
+    assert probes.heads(tmp_path, "reg", head, quiet=True)["config"]["tokens"] == "post"
+    r = probes.registers(tmp_path, "reg", quiet=True, max_epochs=2, lrs=(0.01,))
+    assert r["config"]["tokens"] == "post"
+
+
+def test_post_tokens_of_a_run_without_final_norm(tmp_path, capsys):
+    """A run written before final norms were saved: tokens='post' is the store's error (naming
+    the re-extraction), never a silent fallback; tokens='pre' still works."""
+    planted_run(tmp_path, "old", n_images=30, grid=4, final_norm=None)
+    for fn in (probes.position, probes.reconstruct, probes.classify, probes.sweep):
+        with pytest.raises(LakeError, match=r"no saved final-norm.*tokenlake extract"):
+            fn(tmp_path, "old", quiet=True, **SMALL)
+    assert probes.position(tmp_path, "old", quiet=True, tokens="pre", **SMALL)["metrics"]
+    assert _probe_cmd.main(["probe", "classify", "--lake", str(tmp_path), "--run", "old",
+                            "--quiet"]) == 2
+    assert "no saved final-norm" in capsys.readouterr().err
+
+
+def test_cli_options_belong_to_their_probes(lake, capsys):
+    base = ["--lake", str(lake), "--run", "small", "--quiet"]
+    for argv in (["heads", *base, "--head", "x.pth", "--tokens", "pre"],
+                 ["position", *base, "--test-run", "other"],
+                 ["position", *base, "--target", "centred"],
+                 ["classify", *base, "--train-run", "other"]):
+        assert _probe_cmd.main(["probe", *argv]) == 2
+        assert "does not apply to probe" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _probe_cmd.main(["probe", "position", *base, "--tokens", "output"])
+    rc = _probe_cmd.main(["probe", "reconstruct", *base, "--tokens", "pre", "--target", "centred",
+                          "--max-epochs", "2", "--lrs", "0.01", "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert rc == 0 and res["config"]["tokens"] == "pre" and res["config"]["target"] == "centred"
+
+
+def test_patch_index_flags_are_the_outliers_view(tmp_path):
+    """Only stored tokens are read (a 200k 'sample' run has ~270M patch rows); their flag is the
+    `outliers` view's, also for a run whose threshold comes from another run."""
+    from tokenlake.probes import _data
+
+    planted_run(tmp_path, "ref", n_images=30, grid=8, norm_scale=0.5, seed=3)  # threshold 5
+    planted_run(tmp_path, "s", n_images=30, grid=4, unstored=0.5, seed=4,
+                manifest_extra={"outlier_ref": "ref"})
+    db = open_lake(tmp_path)
+    for run in ("ref", "s"):
+        idx = _data.patch_index(db, run, need_outliers=False)
+        view = db.sql("SELECT image_id, token, slot FROM outliers WHERE run = ? "
+                      "AND slot IS NOT NULL ORDER BY image_id, token", params=[run]).to_pydict()
+        flagged = idx["outlier"]
+        assert idx["image_id"][flagged].tolist() == view["image_id"]
+        assert idx["slot"][flagged].tolist() == view["slot"]
+        n = db.sql("SELECT count(*) FILTER (WHERE slot IS NULL), count(*) FILTER (WHERE slot IS "
+                   "NOT NULL) FROM tokens WHERE run = ? AND kind = 'patch'", params=[run]).to_pylist()[0]
+        assert list(n.values()) == [idx["n_without_slot"], idx["slot"].size]
+    assert idx["n_without_slot"] > 0 and idx["outlier"].all()  # 10 > ref's threshold 5
+
+
+def test_cli_choices_are_the_probes():
+    from tokenlake.probes import _cells, _data
+
+    assert _probe_cmd.TOKENS == _data.TOKENS and _probe_cmd.TARGETS == _cells.TARGETS
+    assert _probe_cmd.DEFAULT_SEED == _data.DEFAULT_SEED == 42

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from tokenlake import probes
@@ -91,3 +92,36 @@ def test_results_in_sql_view(lake):
 def test_empty_probe_results_view(tmp_path):
     planted_run(tmp_path, "x", n_images=10, seed=1)
     assert open_lake(tmp_path).sql("SELECT count(*) AS n FROM probe_results").column(0)[0].as_py() == 0
+
+
+def test_probes_read_the_output_tokens(tmp_path):
+    """Stored tokens scaled by a random factor each (in [1/8, 8]), output tokens (a LayerNorm with
+    a non-trivial affine) free of it: the pixels are linear in the output tokens only."""
+    planted_run(tmp_path, "scaled", n_images=200, grid=8, seed=0, final_norm="layer_norm",
+                token_scale=8.0)
+    post = probes.reconstruct(tmp_path, "scaled", quiet=True)  # default: output tokens
+    pre = probes.reconstruct(tmp_path, "scaled", tokens="pre", quiet=True)
+    base = post["metrics"]["normal"]["mean_patch_l2"]
+    assert post["metrics"]["normal"]["l2"] < 0.05 * base  # measured 0.15 of 19.8
+    assert pre["metrics"]["normal"]["l2"] > 0.3 * base  # measured 10.6
+    assert post["config"]["tokens"] == "post" and pre["config"]["tokens"] == "pre"
+
+
+def test_output_tokens_lose_what_the_final_norm_erases(tmp_path):
+    """A final norm whose weight is 0 on the position/class dimensions: the output tokens carry
+    neither, the stored ones both. Outliers still come from the (pre-norm) norm column."""
+    dim = 20 + 2 * 2 * 3  # planted_run: pos_dim + patch * patch * 3
+    w = np.ones(dim, np.float32)
+    w[:20] = 0.0
+    planted_run(tmp_path, "erase", n_images=200, grid=8, seed=0,
+                final_norm={"type": "layer_norm", "dim": dim, "eps": 1e-6, "weight": w,
+                            "bias": np.zeros(dim, np.float32)})
+    pos = {t: probes.position(tmp_path, "erase", tokens=t, quiet=True, max_epochs=10)
+           for t in ("post", "pre")}
+    assert pos["post"]["metrics"]["normal"]["top1"] < 10.0  # chance 1.6 %; measured 2.7
+    assert pos["pre"]["metrics"]["normal"]["top1"] > 95.0
+    cls = {t: probes.classify(tmp_path, "erase", tokens=t, quiet=True)["metrics"]
+           for t in ("post", "pre")}
+    assert cls["post"]["outlier"]["top1"] < 50.0  # chance 25 %
+    assert cls["pre"]["outlier"]["top1"] > 85.0
+    assert cls["post"]["outlier"]["n"] == cls["pre"]["outlier"]["n"]  # the same outliers
