@@ -16,15 +16,23 @@ from tokenlake.analyze._common import RunInfo, as_lake, resolve_runs
 from tokenlake.analyze._maps import maps
 from tokenlake.analyze._neighbours import neighbours
 from tokenlake.analyze._norms import norms
-from tokenlake.analyze._probes import paper_tables
+from tokenlake.analyze._probes import T3, T4, paper_tables
+from tokenlake.analyze._roles import DEFAULT_SUBSET, TIE_BREAK, Role, no_subset_note, select_roles
 from tokenlake.analyze._size import size
+from tokenlake.analyze._verdicts import (
+    FAILS,
+    HOLDS,
+    NA,
+    NODATA,
+    RANDOM,
+    judge,
+    probe_use,
+    topk_agreement,
+)
 
-HOLDS, FAILS, NODATA = "holds", "does not hold", "not enough data"
-# Verdict rules (documented in the report):
-CLAIM1_JACCARD = 0.5  # claim 1 holds for a run if overall Jaccard(top attn, top norm) >= 0.5
-CLAIM3_RATIO = 1.5  # claim 3 holds if P(low|outlier)/P(low|normal) > 1.5 and median cos higher
 DISAGREE = "Claim 1 — where attention and norm disagree"
 REGISTERS = "Registers — none vs trained vs test-time"
+ROLES = "Runs and their role in the verdicts"
 REG_COLS = ["registers", "run", "k", "median", "max", "max_median_ratio", "outliers_own",
             "above_base", "jaccard", "precision", "recall", "base_run", "mean_rel_l2", "max_rel_l2"]
 REG_CAPTION = ("Patch-token norms of the same images without registers, with trained registers "
@@ -34,7 +42,6 @@ REG_CAPTION = ("Patch-token norms of the same images without registers, with tra
                "recall: the artifacts job; mean_rel_l2/max_rel_l2: relative L2 change of the patch "
                "tokens against base_run (same model without the extra token; with K = 0 the change "
                "made through attention alone).")
-MIN_OUTLIERS = 3  # fewer outlier tokens in a run: not enough data
 
 
 def _fmt(v: Any, nd: int = 3) -> str:
@@ -47,129 +54,55 @@ def _fmt(v: Any, nd: int = 3) -> str:
     return str(v)
 
 
-def _claim1(res) -> dict:
-    if res is None:
-        return {"verdict": NODATA, "rule": "", "runs": {}}
-    per = {}
-    for run, r in res["runs"].items():
-        if r["jaccard"] is None or (r["n_norm"] or 0) < MIN_OUTLIERS:
-            v = NODATA
+def _selection_text(subset: str, explicit: bool) -> str:
+    if explicit:
+        return ("Runs chosen with --runs are used as they are: every one of them speaks in the "
+                "verdicts (no canonical selection). Random-weight runs still never hold or fail.")
+    return (f"Each model speaks through one canonical run: on the canonical subset {subset!r} "
+            "(--subset), at the model's native resolution (manifest native_img_size), over every "
+            "image (not a keep-if-outlier selection; policy all, summary or sample, which all keep "
+            "every token's norm, attention and neighbour cosine), without intervention (no "
+            "test-time registers, no --record-mlp, the model's own preprocessing). Tie-break: "
+            f"{TIE_BREAK}. Figures and tables show every run; random-weight runs are never "
+            "evidence. Probe tables count: Tables 1-2, the canonical run's results; Table 3, "
+            "results tested on held-out images (--test-run); Table 4, runs preprocessed with "
+            "'dinov2-eval'; the newest result per model and token kind.")
+
+
+def _role_rows(infos: list[RunInfo], roles: dict[str, Role], tables: list[dict]) -> list[list[str]]:
+    """[run, model, weights, role] per run: canonical for which claims, or left out and why."""
+    counted: dict[str, list[str]] = {}
+    for t in tables:
+        for row in (r for r in t["rows"] if r.get("use") == ""):
+            if t["key"] == T3:
+                counted.setdefault(row["run"], []).append(
+                    f"claim 4 (Table 3, tested on {row['result'].test_run})")
+            elif t["key"] == T4:
+                for run in (r for r in row["runs"] if r):
+                    counted.setdefault(run, []).append("claim 5 (Table 4 performance)")
+    out = []
+    for i in infos:
+        role = roles[i.run]
+        if role.canonical:
+            claims = "1, 2, 3, 4 (Tables 1-2)" + (", 5 (artifacts)" if i.model.startswith("dinov2_")
+                                                  else "")
+            text = f"canonical for claims {claims}" + (" (given with --runs)" if role.explicit else "")
         else:
-            v = HOLDS if r["jaccard"] >= CLAIM1_JACCARD else FAILS
-        per[run] = {"verdict": v, "numbers": f"Jaccard {_fmt(r['jaccard'])}, precision "
-                    f"{_fmt(r['precision'])}, recall {_fmt(r['recall'])} ({r['n_both']} shared of "
-                    f"{r['n_norm']} top-norm / {r['n_attn']} top-attention patches)"}
-    return {"rule": f"holds for a run if the overall Jaccard of its top-attention and top-norm "
-                    f"patch tokens is >= {CLAIM1_JACCARD}", "runs": per, "verdict": _overall(per)}
-
-
-def _claim3(res) -> dict:
-    if res is None:
-        return {"verdict": NODATA, "rule": "", "runs": {}}
-    per = {}
-    for run, r in res["runs"].items():
-        if (r["n_outlier"] or 0) < MIN_OUTLIERS or r["ratio"] is None:
-            v = NODATA
-        else:
-            ok = r["ratio"] > CLAIM3_RATIO and (r["median_cos_outlier"] or -9) > (r["median_cos_normal"] or 9)
-            v = HOLDS if ok else FAILS
-        per[run] = {"verdict": v, "numbers": f"ratio {_fmt(r['ratio'])}, median nbr_cos outlier "
-                    f"{_fmt(r['median_cos_outlier'])} vs normal {_fmt(r['median_cos_normal'])} "
-                    f"({r['n_outlier']} outliers)"}
-    return {"rule": f"holds for a run if P(low-info|outlier)/P(low-info|normal) > {CLAIM3_RATIO} "
-                    f"and the outliers' median nbr_cos exceeds the normal patches'",
-            "runs": per, "verdict": _overall(per)}
-
-
-def _claim2(res, infos: dict[str, RunInfo]) -> dict:
-    rule = ("per family with >= 2 sizes (pretrained runs with a parameter count): holds if the "
-            "max/median patch-norm ratio rises with size (Spearman rho > 0); the claim holds "
-            "overall if it holds in every such family")
-    if res is None:
-        return {"verdict": NODATA, "rule": rule, "runs": {}}
-    fams: dict[str, list] = {}
-    for r in res["rows"]:
-        if r["params"] and not r["random_weights"] and r["max_median_ratio"] is not None:
-            fams.setdefault(r["family"], []).append((r["params"], r["max_median_ratio"], r["model"]))
-    per = {}
-    for f, pts in sorted(fams.items()):
-        sizes = sorted({p[0] for p in pts})
-        if len(sizes) < 2:
-            per[f] = {"verdict": NODATA, "numbers": f"one size only ({pts[0][2]})"}
-            continue
-        from scipy.stats import spearmanr
-
-        rho = float(spearmanr([p[0] for p in pts], [p[1] for p in pts]).statistic)
-        per[f] = {"verdict": HOLDS if rho > 0 else FAILS,
-                  "numbers": f"rho {rho:.2f} over " + ", ".join(
-                      f"{m} ({p / 1e6:.0f}M): {v:.2f}" for p, v, m in sorted(pts))}
-    small = [r["model"] for r in res["rows"] if r["params"] and r["params"] < 300e6
-             and not r["random_weights"] and (r["bc_log"] or 0) > 5 / 9]
-    out = {"rule": rule, "runs": per, "verdict": _overall(per)}
-    if small:
-        out["note"] = ("bimodal norm distributions (BC(log) > 5/9) also in models under 300M "
-                       "parameters: " + ", ".join(small))
-    if not fams:
-        out["note"] = "no pretrained run has a parameter count ('params' in its manifest)"
+            text = f"left out of claims 1-3, 4 (Tables 1-2), 5 (artifacts): {role.why}"
+        if i.run in counted:
+            text += "; counted in " + ", ".join(dict.fromkeys(counted[i.run]))
+        if i.random_weights:
+            text += " — random weights: shown, not evidence"
+        out.append([i.run, i.model, "RANDOM" if i.random_weights else str(i.weights or "—"), text])
     return out
 
 
-def _claim_probes(tables: list[dict], keys: tuple[str, ...], name: str) -> dict:
-    have = [t for t in tables if t["key"] in keys and t["rows"]]
-    if not have:
-        return {"verdict": NODATA, "rule": f"needs {name} from probe_results (missing)", "runs": {}}
-    per = {}
-    for t in have:
-        for r in t["rows"]:
-            ours = dict(zip(t["columns"], r["ours"]))
-            if t["key"] == "table1_position" and None not in (ours["top1_normal"], ours["top1_outlier"]):
-                per[f"{r['run']} (position)"] = {
-                    "verdict": HOLDS if ours["top1_outlier"] < ours["top1_normal"] else FAILS,
-                    "numbers": f"top-1 normal {_fmt(ours['top1_normal'])} vs outlier {_fmt(ours['top1_outlier'])}"}
-            if t["key"] == "table2_reconstruction" and None not in ours.values():
-                per[f"{r['run']} (reconstruction)"] = {
-                    "verdict": HOLDS if ours["l2_outlier"] > ours["l2_normal"] else FAILS,
-                    "numbers": f"L2 normal {_fmt(ours['l2_normal'])} vs outlier {_fmt(ours['l2_outlier'])}"}
-            if t["key"] == "table3_classification" and None not in (ours["normal"], ours["outlier"]):
-                per[f"{r['run']} (global info)"] = {
-                    "verdict": HOLDS if ours["outlier"] > ours["normal"] else FAILS,
-                    "numbers": f"top-1 normal {_fmt(ours['normal'])} vs outlier {_fmt(ours['outlier'])}"}
-            if t["key"] == "table4_dinov2_linear_heads" and None not in r["ours"]:
-                per[f"{r['paper_row']} (registers)"] = {
-                    "verdict": HOLDS if r["ours"][1] >= r["ours"][0] - 0.5 else FAILS,
-                    "numbers": f"without {_fmt(r['ours'][0])} vs with registers {_fmt(r['ours'][1])}"}
-    rules = {"claim4": "holds per run/task if outlier tokens are worse at position (top-1) and "
-                       "reconstruction (L2) and better at classification than normal tokens",
-             "claim5": "holds per size if the linear head with registers is within 0.5 points of, "
-                       "or better than, the one without (performance part only)"}
-    return {"verdict": _overall(per), "rule": rules.get(name, ""), "runs": per}
-
-
-def _claim5_lake(norm_res, infos: dict[str, RunInfo]) -> dict:
-    """Artifact part of claim 5 from the lake: dinov2_X_reg4 vs dinov2_X max/median norm ratio."""
-    if norm_res is None:
-        return {}
-    by_model = {infos[r].model: (r, s) for r, s in norm_res["runs"].items() if not infos[r].random_weights}
-    per = {}
-    for m, (run, s) in by_model.items():
-        if m.startswith("dinov2_") and m.endswith("_reg4") and m[:-5] in by_model:
-            base = by_model[m[:-5]][1]
-            per[f"{m} vs {m[:-5]}"] = {
-                "verdict": HOLDS if s["max_median_ratio"] < base["max_median_ratio"] else FAILS,
-                "numbers": f"max/median norm {s['max_median_ratio']:.2f} with registers vs "
-                           f"{base['max_median_ratio']:.2f} without"}
-    return per
-
-
-def _overall(per: dict) -> str:
-    vs = [p["verdict"] for p in per.values() if p["verdict"] != NODATA]
-    if not vs:
-        return NODATA
-    if all(v == HOLDS for v in vs):
-        return HOLDS
-    if all(v == FAILS for v in vs):
-        return FAILS
-    return f"mixed: holds for {vs.count(HOLDS)} of {len(vs)}"
+def _use_text(use: str | None, random: bool) -> str:
+    if use is None:
+        return "—"
+    if use:
+        return f"no: {use}"
+    return "yes (random weights: not evidence)" if random else "yes"
 
 
 JOBS = (("maps", "Feature and attention maps", maps),
@@ -194,15 +127,19 @@ CAPTIONS = {
                  "distribution of the per-image Jaccard index.",
     "artifacts_disagree": "Images where attention and norm artifacts disagree most: red outlines = "
                           "top-norm patches, white dashes = top-attention patches.",
-    "blocks": "Norm of every block's output (selected blocks) and the last block's q/k/v norms.",
+    "blocks": "Per image, four rows: the norm of each block's output, then the norms of the "
+              "block's queries, keys and values (all heads), for selected blocks (appendix A).",
 }
 
 
 def report(lake: Any, *, out: str | Path | None = None, runs: list[str] | str | None = None,
-           percentile: float = 0.98) -> dict[str, Any]:
+           percentile: float = 0.98, subset: str = DEFAULT_SUBSET) -> dict[str, Any]:
     """Run every analysis job into OUT/ and write OUT/report.html (self-contained) and
-    OUT/report.md. Returns paths, verdicts and what is missing."""
+    OUT/report.md. Figures show every run (or `runs`); verdicts read one canonical run per model
+    on `subset` (analyze/_roles.py), or exactly `runs` when given. Returns paths, verdicts, each
+    run's role and what is missing."""
     lk = as_lake(lake)
+    explicit = bool([r for r in runs.split(",") if r.strip()] if isinstance(runs, str) else runs)
     infos = resolve_runs(lk, runs)
     out = Path(out) if out is not None else lk.path / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -230,40 +167,46 @@ def report(lake: Any, *, out: str | Path | None = None, runs: list[str] | str | 
     if results.get("blocks"):
         for run, why in results["blocks"]["missing"].items():
             missing.append(f"blocks for run {run}: {why}")
-    tables = paper_tables(lk, {i.run: i.model for i in infos})
+    roles = select_roles(infos, subset=subset, explicit=explicit)
+    canon = [r for r, role in roles.items() if role.canonical]
+    topk: dict | None = {}
+    if canon:
+        try:
+            topk = topk_agreement(lk, runs=canon, percentile=percentile, out=figdir)
+        except Exception as err:  # noqa: BLE001 — claim 1 then says why it has no data
+            topk = None
+            missing.append(f"claim 1 top-k agreement: {type(err).__name__}: {err}")
+            traceback.print_exc()
+    tables = paper_tables(lk, infos=imap, use=probe_use(roles=roles, infos=imap))
     for t in tables:
         if t["missing"]:
             missing.append(f"{t['title']}: {t['missing']}")
-    claims = {
-        "Claim 1 — artifacts are high-norm outlier tokens": _claim1(results.get("artifacts")),
-        "Claim 2 — large models (>300M) grow high-norm tokens": _claim2(results.get("size"), imap),
-        "Claim 3 — high-norm tokens sit in redundant areas": _claim3(results.get("neighbours")),
-        "Claim 4 — high-norm tokens lose local, hold global information":
-            _claim_probes(tables, ("table1_position", "table2_reconstruction",
-                                   "table3_classification"), "claim4"),
-        "Claim 5 — registers remove artifacts, keep performance":
-            _claim_probes(tables, ("table4_dinov2_linear_heads",), "claim5"),
-    }
-    c5 = _claim5_lake(results.get("norms"), imap)
-    if c5:
-        k = "Claim 5 — registers remove artifacts, keep performance"
-        claims[k]["runs"].update(c5)
-        claims[k]["verdict"] = _overall(claims[k]["runs"])
-        claims[k]["rule"] += "; artifact part: the reg4 run's max/median patch-norm ratio is below the run without registers"
-    doc = _Doc(lk, infos, results, tables, claims, missing, out, percentile)
+    note = None if explicit else no_subset_note(infos, subset=subset)
+    claims = judge(results=results, topk=topk, tables=tables, roles=roles, infos=imap,
+                   subset_note=note)
+    cmd = (f"tokenlake report --lake {lk.path} --out {out}"
+           + (f" --subset {subset}" if subset != DEFAULT_SUBSET else "")
+           + (f" --runs {','.join(i.run for i in infos)}" if explicit else "")
+           + (f" --percentile {percentile}" if percentile != 0.98 else ""))
+    doc = _Doc(lk, infos, results, tables, claims, missing, out, percentile, command=cmd,
+               roles=_role_rows(infos, roles, tables), selection=_selection_text(subset, explicit))
     (out / "report.html").write_text(doc.html(), encoding="utf-8")
     (out / "report.md").write_text(doc.md(), encoding="utf-8")
     return {"html": str(out / "report.html"), "md": str(out / "report.md"),
-            "claims": {k: v["verdict"] for k, v in claims.items()}, "missing": missing,
-            "results": results}
+            "claims": {k: v["verdict"] for k, v in claims.items()}, "verdicts": claims,
+            "roles": {r: role for r, role in roles.items()}, "missing": missing,
+            "results": results, "tables": tables}
 
 
 class _Doc:
     """Builds the report twice from the same sections: HTML (base64 figures) and Markdown."""
 
-    def __init__(self, lk, infos, results, tables, claims, missing, out: Path, percentile):
+    def __init__(self, lk, infos, results, tables, claims, missing, out: Path, percentile, *,
+                 roles: list[list[str]], selection: str, command: str):
         self.lk, self.infos, self.results, self.tables = lk, infos, results, tables
         self.claims, self.missing, self.out, self.percentile = claims, missing, out, percentile
+        self.roles, self.selection, self.command = roles, selection, command
+        self.random = {i.run for i in infos if i.random_weights}
 
     # -- content ---------------------------------------------------------------------------------
     def _figures(self) -> list[tuple[str, str, str, str]]:
@@ -295,9 +238,21 @@ class _Doc:
                          ", ".join(f"{k} {x}" for k, x in v.items()) or "—"])
         return rows
 
+    def _paper_rows(self, t: dict) -> list[list[str]]:
+        """[head, *rows] of a paper table: ours / paper / Δ per column, the result's settings
+        (tokens, test run) and whether the verdicts count it."""
+        head = (["run", "paper row", *t["extra_columns"]]
+                + [f"{c} (ours / paper / Δ)" for c in t["columns"]] + ["in the verdict"])
+        rows = [[r["run"], r["paper_row"], *r["extra"]]
+                + [f"{_fmt(o)} / {_fmt(p)} / {_fmt(d)}" for o, p, d in
+                   zip(r["ours"], r["paper"], r["diff"])]
+                + [_use_text(r["use"], any(x in self.random for x in r["run"].split(",")))]
+                for r in t["rows"]]
+        return [head, *rows]
+
     def _commands(self) -> list[str]:
         cmds = [r["command"] for r in self.results.values() if r and "command" in r]
-        return cmds + [f"tokenlake report --lake {self.lk.path} --out {self.out}"]
+        return [*cmds, self.command]
 
     # -- HTML ------------------------------------------------------------------------------------
     def html(self) -> str:
@@ -318,15 +273,18 @@ class _Doc:
                   f'untrained networks; their numbers say nothing about the paper\'s models.</div>'
                   if rnd else "")
         # verdicts
-        v = []
+        v = [f'<p class="rule">{e(self.selection)} Every run\'s role: <a href="#roles">{e(ROLES)}</a>.</p>']
         for claim, c in self.claims.items():
-            cls = {HOLDS: "ok", FAILS: "bad", NODATA: "na"}.get(c["verdict"], "mixed")
+            cls = {HOLDS: "ok", FAILS: "bad", NODATA: "na", NA: "na", RANDOM: "rnd"}.get(
+                c["verdict"], "mixed")
             rows = [[k, p["verdict"], p["numbers"]] for k, p in c["runs"].items()]
             v.append(f'<h3>{e(claim)} <span class="v {cls}">{e(c["verdict"])}</span></h3>'
                      f'<p class="rule">Rule: {e(c["rule"])}</p>'
                      + (f'<p class="note">{e(c["note"])}</p>' if c.get("note") else "")
-                     + (table(["run / family", "verdict", "numbers"], rows) if rows else ""))
+                     + (table(["run / family", "verdict", "numbers"], rows, "text") if rows else ""))
         section("verdicts", "Verdicts on the paper's claims", "".join(v))
+        section("roles", ROLES, f'<p class="rule">{e(self.selection)}</p>'
+                + table(["run", "model", "weights", "role in the verdicts"], self.roles, "text"))
         for k, (key, title, path, cap) in enumerate(self._figures()):
             data = base64.b64encode(Path(path).read_bytes()).decode()
             r = self.results[key]
@@ -338,10 +296,7 @@ class _Doc:
                     + (self._job_table_html(key, table) if title != DISAGREE else ""))
         for t in self.tables:
             if t["rows"]:
-                head = ["run", "paper row"] + [f"{c} (ours / paper / Δ)" for c in t["columns"]]
-                rows = [[r["run"], r["paper_row"]] + [
-                    f"{_fmt(o)} / {_fmt(p)} / {_fmt(d)}" for o, p, d in
-                    zip(r["ours"], r["paper"], r["diff"])] for r in t["rows"]]
+                head, *rows = self._paper_rows(t)
                 content = table(head, rows)
             else:
                 content = f'<p class="missing">{e(t["missing"])}</p>'
@@ -414,7 +369,8 @@ class _Doc:
         if rnd:
             L += [(f"> **RANDOM WEIGHTS: {', '.join(rnd)}** — these runs describe untrained "
                   "networks; their numbers say nothing about the paper's models."), ""]
-        L += [f"Lake `{self.lk.path}` · {len(self.infos)} runs", "", "## Verdicts on the paper's claims", ""]
+        L += [f"Lake `{self.lk.path}` · {len(self.infos)} runs", "", "## Verdicts on the paper's claims", "",
+              self.selection + f" Every run's role: {ROLES}, below.", ""]
         for claim, c in self.claims.items():
             L += [f"### {claim}: **{c['verdict']}**", "", f"Rule: {c['rule']}", ""]
             if c.get("note"):
@@ -422,6 +378,8 @@ class _Doc:
             if c["runs"]:
                 L += [table([["run / family", "verdict", "numbers"]] +
                             [[k, p["verdict"], p["numbers"]] for k, p in c["runs"].items()]), ""]
+        L += [f"## {ROLES}", "", self.selection, "",
+              table([["run", "model", "weights", "role in the verdicts"], *self.roles]), ""]
         for k, (key, title, path, cap) in enumerate(self._figures()):
             rel = Path(path).relative_to(self.out) if Path(path).is_relative_to(self.out) else Path(path)
             L += [f"## {title}", "", f"![{title}]({rel.as_posix()})", "", f"*Figure {k + 1}.* {cap}", ""]
@@ -431,9 +389,7 @@ class _Doc:
         for t in self.tables:
             L += [f"## {t['title']}", ""]
             if t["rows"]:
-                L += [table([["run", "paper row"] + [f"{c} (ours / paper / Δ)" for c in t["columns"]]] +
-                            [[r["run"], r["paper_row"]] + [f"{_fmt(o)} / {_fmt(p)} / {_fmt(d)}"
-                             for o, p, d in zip(r["ours"], r["paper"], r["diff"])] for r in t["rows"]]), ""]
+                L += [table(self._paper_rows(t)), ""]
             else:
                 L += [t["missing"], ""]
         reg = self.results.get("registers")
@@ -469,11 +425,13 @@ figure{margin:12px 0}figure img{max-width:100%;border:1px solid #ddd;border-radi
 figcaption{color:#555;font-size:13px;margin-top:4px}
 table{border-collapse:collapse;margin:10px 0;font-size:13px}
 th,td{border:1px solid #ddd;padding:4px 8px;text-align:right}
+table.text td,table.text th{text-align:left}
 th{background:#f3f3f6}td:first-child,th:first-child{text-align:left}
 tbody tr:nth-child(even){background:#fafafa}
 .v{font-size:13px;padding:2px 8px;border-radius:10px;margin-left:8px;vertical-align:middle}
 .v.ok{background:#d9f2dc;color:#17612a}.v.bad{background:#fadbd8;color:#8a1c12}
 .v.na{background:#eee;color:#555}.v.mixed{background:#fff1c9;color:#7a5a00}
+.v.rnd{background:#d62728;color:#fff}
 .rule{color:#555;font-size:13px;margin:0}.missing{color:#8a1c12;font-weight:bold}
 .note{color:#7a5a00;font-size:13px}
 pre{background:#f6f8fa;padding:10px;border-radius:4px;overflow-x:auto;font-size:12px}

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["OUTLIER_CELLS", "planted_run"]
+__all__ = ["OUTLIER_CELLS", "planted_probe_result", "planted_run"]
 
 OUTLIER_CELLS = ((1, 1), (1, 3), (3, 2))  # (row, col) of the planted outliers in image 0
 
@@ -17,10 +17,13 @@ def planted_run(*, n_images: int = 6, grid: int = 5, n_reg: int = 1, patch: int 
                 random_weights: bool = False, outlier_norm: float = 1000.0,
                 outlier_cells: tuple[tuple[int, int], ...] = OUTLIER_CELLS,
                 blocks: int = 0, store: str = "all", seed: int = 0,
-                layout_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                layout_extra: dict[str, Any] | None = None, subset: str = "planted",
+                native_img_size: int | bool = True, policy: str | None = None,
+                config: dict[str, Any] | None = None, norms: str = "uniform") -> dict[str, Any]:
     """Keyword arguments for `write_run` with known structure.
 
-    Patch norms are uniform in [10, 20) except `outlier_cells` of image 0 (norm `outlier_norm`);
+    Patch norms are uniform in [10, 20) (norms='gaussian': normal with mean 15, sd 1.5, one mode in
+    ln(norm), i.e. no outlier population) except `outlier_cells` of image 0 (norm `outlier_norm`);
     with the defaults (150 patches, 3 outliers) the 98th percentile leaves exactly those 3 above.
     nbr_cos: uniform in [0, 0.8) for normal patches, 0.95 for the outliers. attn: uniform in
     [0, 0.1); 0.9 on the outliers (attention='same') or on the mirrored cells of image 1
@@ -29,7 +32,14 @@ def planted_run(*, n_images: int = 6, grid: int = 5, n_reg: int = 1, patch: int 
     tokens (no pixels for patches), 'none' no token arrays at all. blocks > 0 adds a blocks table
     (block b's norm = (b + 1) * final norm, q/k/v norms 1, 2, 3 times the norm on the last block).
     Source ids are `img{i}.jpg`, shared by every planted run.
+
+    Manifest: img_size = grid * patch; `native_img_size` True records that size as the model's
+    native resolution, an int records that value, False leaves the key out (a run extracted before
+    tokenlake recorded it); `policy` (default: `store`) and `subset` as given; `config` becomes
+    manifest['config'] (keep_if_outlier, test_time_registers, preprocess, ...) when given.
     """
+    if norms not in ("uniform", "gaussian"):
+        raise ValueError(f"norms must be 'uniform' or 'gaussian', got {norms!r}")
     rng = np.random.default_rng(seed)
     n_pre = 1 + n_reg
     n_patch = grid * grid
@@ -40,7 +50,10 @@ def planted_run(*, n_images: int = 6, grid: int = 5, n_reg: int = 1, patch: int 
     norm = np.zeros((n_images, n_tok), np.float32)
     norm[:, 0] = 50.0
     norm[:, 1:n_pre] = 200.0
-    norm[:, n_pre:] = rng.uniform(10, 20, (n_images, n_patch))
+    if norms == "uniform":
+        norm[:, n_pre:] = rng.uniform(10, 20, (n_images, n_patch))
+    else:
+        norm[:, n_pre:] = rng.normal(15, 1.5, (n_images, n_patch)).clip(5, None)
     cos = rng.uniform(0, 0.8, (n_images, n_tok)).astype(np.float32)
     attn = rng.uniform(0, 0.1, (n_images, n_tok)).astype(np.float32)
     for r, c in outlier_cells:
@@ -99,9 +112,14 @@ def planted_run(*, n_images: int = 6, grid: int = 5, n_reg: int = 1, patch: int 
     layout = {"family": "vit", "n_cls": 1, "n_reg": n_reg, "grid": [grid, grid], "cell": patch,
               "pixel_offset": 0, "embed_dim": dim, "depth": max(blocks, 1), **(layout_extra or {})}
     manifest = {"model": model, "timm_name": f"planted_{model}", "img_size": grid * patch,
-                "subset": "planted", "policy": store, "weights": "random" if random_weights else "pretrained",
+                "subset": subset, "policy": store if policy is None else policy,
+                "weights": "random" if random_weights else "pretrained",
                 "random_weights": random_weights, "token_layout": layout,
                 "versions": {"tokenlake": "test"}}
+    if native_img_size is not False:
+        manifest["native_img_size"] = grid * patch if native_img_size is True else int(native_img_size)
+    if config is not None:
+        manifest["config"] = dict(config)
     if params is not None:
         manifest["params"] = params
     out: dict[str, Any] = {"images": images, "tokens": tokens, "arrays": arrays, "manifest": manifest}
@@ -120,3 +138,22 @@ def planted_run(*, n_images: int = 6, grid: int = 5, n_reg: int = 1, patch: int 
         out["blocks"] = pa.concat_tables(parts).sort_by([("image_id", "ascending"),
                                                           ("block", "ascending"), ("token", "ascending")])
     return out
+
+
+def planted_probe_result(lake: Any, run: str, probe: str, *, values: dict[tuple[str, str], float],
+                         config: dict[str, Any] | None = None,
+                         choices: dict[str, Any] | None = None) -> str:
+    """Commit a probe result with known numbers, as tokenlake.probes writes one: rows
+    (token_group, metric, value) for the probe_results view and result.json carrying the config
+    (e.g. tokens, test_run) and choices (e.g. test: {run, n_images}). Returns its config hash."""
+    from tokenlake.store import probe_config_hash, write_probe_result
+
+    cfg = {"probe": probe, "run": run, **(config or {})}
+    h = probe_config_hash(cfg)
+    metrics: dict[str, dict[str, float]] = {}
+    for (group, metric), v in values.items():
+        metrics.setdefault(group, {})[metric] = v
+    write_probe_result(lake, run, probe, h, config=cfg,
+                       result={"metrics": metrics, "config": cfg, "choices": choices or {}},
+                       rows=[(g, m, v) for (g, m), v in values.items()])
+    return h

@@ -28,7 +28,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("report", help="static HTML + Markdown report of every figure, table and verdict")
     p.add_argument("--lake", required=True, type=Path, help="the lake's root directory")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: LAKE/report)")
-    p.add_argument("--runs", default=None, help="comma list of runs (default: all complete runs)")
+    p.add_argument("--runs", default=None,
+                   help="comma list of runs, used as given in the verdicts (default: every complete "
+                        "run in the figures, one canonical run per model in the verdicts)")
+    p.add_argument("--subset", default="val5k",
+                   help="the canonical subset whose runs the verdicts read (default val5k, the "
+                        "paper's 5,000 validation images)")
     p.add_argument("--percentile", type=float, default=0.98)
     p.set_defaults(func=report_cmd)
 
@@ -78,7 +83,8 @@ def report_cmd(args: argparse.Namespace) -> int:
         print(f"tokenlake report: error: {msg}", file=sys.stderr)
         return 2
     try:
-        res = analyze.report(args.lake, out=args.out, runs=args.runs, percentile=args.percentile)
+        res = analyze.report(args.lake, out=args.out, runs=args.runs, percentile=args.percentile,
+                             subset=args.subset)
     except (LakeError, ValueError) as err:
         print(f"tokenlake report: error: {err}", file=sys.stderr)
         return 2

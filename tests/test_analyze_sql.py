@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from tokenlake import sql as tsql
 from tokenlake.store import open_lake, write_run
 from tokenlake.store.testing import synthetic_run
 
-OURS = ["analysis_thresholds", "attn_norm_overlap", "block_grid", "block_images", "common_images",
+OURS = ["analysis_thresholds", "attn_norm_overlap", "attn_topk_agreement", "block_grid", "block_images", "common_images",
         "images_by_source", "neighbour_histogram", "neighbour_stats", "norm_histogram",
         "norm_summary", "patch_grid", "patch_norm_sample"]
 
@@ -65,6 +66,30 @@ def test_norm_summary(known):
         assert g["median_norm"] == pytest.approx(np.median(x), rel=1e-6)
         assert g["skew"] == pytest.approx(stats.skew(x, bias=False), rel=1e-6)
         assert g["exkurt_log"] == pytest.approx(stats.kurtosis(np.log(x), bias=False), rel=1e-6)
+        lx = np.log(x)
+        cut = np.median(lx) + 6 * 1.4826 * np.median(np.abs(lx - np.median(lx)))
+        assert g["separated_share"] == pytest.approx(np.mean(lx > cut))
+
+
+def test_separated_share_finds_a_small_far_group_and_not_a_heavy_tail(tmp_path):
+    """A 2 % group 7 robust sigma above the bulk keeps BC under 5/9 but is a population apart;
+    a heavy unimodal tail (Gumbel) is not."""
+    rng = np.random.default_rng(0)
+    bulk = rng.normal(3.0, 0.1, 9800)
+    cases = {"far": np.concatenate([bulk, rng.normal(3.7, 0.1, 200)]),
+             "tail": rng.gumbel(3.0, 0.1, 10000)}
+    for name, lx in cases.items():
+        r = synthetic_run(n_inputs=1, grid=100, n_reg=0)
+        t = r["tokens"]
+        norm = t.column("norm").to_numpy().copy()
+        patch = (t.column("kind").to_numpy(zero_copy_only=False) == "patch")
+        norm[patch] = np.exp(lx)
+        r["tokens"] = t.set_column(t.schema.get_field_index("norm"), "norm",
+                                   pa.array(norm, pa.float32()))
+        write_run(tmp_path, name, **r)
+    got = {g["run"]: g for g in q(open_lake(tmp_path), "norm_summary", ["far", "tail"], 0.98)}
+    assert got["far"]["bc_log"] < 5 / 9 and got["far"]["separated_share"] > 0.015
+    assert got["tail"]["separated_share"] < 0.01
 
 
 def test_norm_histogram_counts_every_token(known):

@@ -7,18 +7,22 @@ from pathlib import Path
 import pytest
 
 from tokenlake import analyze
-from tokenlake.analyze import _probes
-from tokenlake.analyze.testing import planted_run
+from tokenlake.analyze import _probes, _verdicts
+from tokenlake.analyze._common import run_info
+from tokenlake.analyze._roles import select_roles
+from tokenlake.analyze.testing import planted_probe_result, planted_run
 from tokenlake.store import write_run
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("lake")
-    write_run(root, "g", **planted_run(model="dinov2_g", params=1_100_000_000, blocks=2))
-    write_run(root, "s", **planted_run(model="dinov2_s", params=22_000_000, outlier_norm=60.0, seed=1))
+    v = {"subset": "val5k"}  # the canonical subset the verdicts read by default
+    write_run(root, "g", **planted_run(model="dinov2_g", params=1_100_000_000, blocks=2, **v))
+    write_run(root, "s", **planted_run(model="dinov2_s", params=22_000_000, outlier_norm=60.0,
+                                        seed=1, **v))
     write_run(root, "rnd", **planted_run(attention="elsewhere", model="clip_b", params=86_000_000,
-                                          random_weights=True, seed=2))
+                                          random_weights=True, seed=2, **v))
     out = tmp_path_factory.mktemp("report")
     return root, out, analyze.report(root, out=out)
 
@@ -43,15 +47,20 @@ def test_random_weights_banner(built):
 def test_verdicts_computed_from_the_data(built):
     _, out, res = built
     c = res["claims"]
-    c1 = "Claim 1 — artifacts are high-norm outlier tokens"
-    # g and s planted attention on the outliers, rnd elsewhere
-    assert c[c1] == "mixed: holds for 2 of 3"
+    c1 = res["verdicts"]["Claim 1 — artifacts are high-norm outlier tokens"]
+    # g: attention on its outliers (holds); s: 3 outliers at norm 60 among norms 10-20 are too few
+    # and too close for a second mode (BC(ln norm) <= 5/9): not applicable; rnd: random weights
+    assert c1["verdict"] == "holds"
+    assert {k: e["verdict"] for k, e in c1["runs"].items()} == {
+        "g": "holds", "s": "not applicable", "rnd": "random weights: not evidence"}
     assert c["Claim 3 — high-norm tokens sit in redundant areas"] == "holds"
     # dinov2 family: g (1.1B, norm 1000) is far more extreme than s (22M, norm 60): holds
     assert c["Claim 2 — large models (>300M) grow high-norm tokens"] == "holds"
     assert c["Claim 4 — high-norm tokens lose local, hold global information"] == "not enough data"
     html = (out / "report.html").read_text()
-    assert "Jaccard 1, precision 1" in html and "Rule: holds for a run if the overall Jaccard" in html
+    assert "top-k agreement 1 (3 of 3 outliers over 1 images)" in html
+    assert "secondary: Jaccard(top-2 % attention, top-2 % norm) 1" in html
+    assert "Rule: per run, N = an image&#x27;s norm outliers" in html
 
 
 def test_missing_pieces_listed_never_drawn(built):
@@ -71,26 +80,29 @@ def test_provenance_and_commands(built):
     assert f"tokenlake report --lake {root}" in md
 
 
-def test_paper_tables_beside_reference(monkeypatch, built):
-    root, _, _ = built
+def test_paper_tables_beside_reference(tmp_path):
     from tokenlake.store import open_lake
 
-    rows = [
-        # the names and units tokenlake.probes writes: accuracies in percent
-        {"run": "s", "probe": "position", "token_group": "normal", "metric": "top1", "value": 30.0},
-        {"run": "s", "probe": "position", "token_group": "outlier", "metric": "top1", "value": 20.0},
-        {"run": "s", "probe": "reconstruct", "token_group": "normal", "metric": "l2", "value": 400.0},
-        {"run": "g", "probe": "heads", "token_group": "image", "metric": "top1", "value": 86.0},
-    ]
-    monkeypatch.setattr(_probes, "probe_rows", lambda lk: (rows, ""))
-    t = {x["key"]: x for x in _probes.paper_tables(open_lake(root), {"s": "dinov2_s", "g": "dinov2_g"})}
+    for name, model in (("s", "dinov2_s"), ("g", "dinov2_g")):
+        write_run(tmp_path, name, **planted_run(model=model, subset="val5k", n_images=2))
+    # the names and units tokenlake.probes writes: accuracies in percent
+    planted_probe_result(tmp_path, "s", "position",
+                         values={("normal", "top1"): 30.0, ("outlier", "top1"): 20.0})
+    planted_probe_result(tmp_path, "s", "reconstruct", values={("normal", "l2"): 400.0})
+    planted_probe_result(tmp_path, "g", "heads", values={("image", "top1"): 86.0})
+    lk = open_lake(tmp_path)
+    infos = {r: run_info(lk, r) for r in ("s", "g")}
+    use = _verdicts.probe_use(roles=select_roles(list(infos.values()), subset="val5k",
+                                                 explicit=False), infos=infos)
+    t = {x["key"]: x for x in _probes.paper_tables(lk, infos=infos, use=use)}
     t1 = t["table1_position"]["rows"][0]
     assert t1["paper_row"] == "DINOv2-S" and t1["ours"][:2] == [pytest.approx(30.0), pytest.approx(20.0)]
-    assert t1["diff"][0] == pytest.approx(30.0 - 28.05)
+    assert t1["diff"][0] == pytest.approx(30.0 - 28.05) and t1["use"] == ""
     assert t["table2_reconstruction"]["rows"][0]["diff"][0] == pytest.approx(400 - 383.13)
     assert t["table3_classification"]["missing"].startswith("missing")
     t4 = t["table4_dinov2_linear_heads"]["rows"][0]
     assert t4["paper_row"] == "Giant" and t4["ours"] == [86.0, None]
+    assert "not 'dinov2-eval'" in t4["use"]  # g was preprocessed with the model's own recipe
     assert _probes.reference()["table4_dinov2_linear_heads"]["Giant"] == [86.90, 87.29]
 
 
