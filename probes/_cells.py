@@ -43,14 +43,6 @@ class CellPlan:
                 "cells": self.source}
 
 
-def _reextract(lake: Lake, run: str, info: RunInfo) -> str:
-    m = info.manifest
-    return (f"tokenlake extract --lake {lake.path} --model {m.get('model', '?')} --subset "
-            f"{m.get('subset', '?')} --img-size {m.get('img_size', '?')} --policy "
-            f"{m.get('policy', '?')}" + (" --weights random" if info.random_weights else "")
-            + f" --run {run}-v3")
-
-
 def plan_cells(lake: Lake, run: str, info: RunInfo, target: str) -> CellPlan:
     """How the `target` cells of `run` are read; ProbeError when they cannot be."""
     if target not in TARGETS:
@@ -67,7 +59,7 @@ def plan_cells(lake: Lake, run: str, info: RunInfo, target: str) -> CellPlan:
                 f"pixel_offset {po}: written before tokenlake stored the aligned cell), so the "
                 "aligned reconstruction target is not available (the last row and column lack "
                 "half their pixels). Re-extract the run into a new one, e.g. "
-                f"`{_reextract(lake, run, info)}`, or reconstruct the centred cells "
+                f"`{lake.reextract_command(run)}`, or reconstruct the centred cells "
                 "(target='centred', --target centred).")
         return CellPlan(target, po, rf, False, "stored aligned cells" + (
             f" ({same})" if rf == 0 else ""))

@@ -198,19 +198,28 @@ class Lake:
         norm = read_final_norm(self._run_dir(run))
         if norm is None:
             m = self.manifest(run)
-            cfg = m.get("config") or {}
-            how = (f"tokenlake extract --lake {self.path} --model {m.get('model', '?')} --subset "
-                   f"{m.get('subset', '?')} --img-size {m.get('img_size', '?')} --policy "
-                   f"{m.get('policy', '?')}" + (" --weights random" if m.get("random_weights")
-                                               else "") + f" --run {run}-v3")
             raise LakeError(
                 f"run {run!r} has no saved final-norm parameters (final_norm.json): it was "
                 f"written before tokenlake saved them (schema version {m.get('schema_version')}), "
                 "so its output (post-norm) tokens cannot be computed. Re-extract it into a new "
-                f"run, e.g. `{how}`" + (" (with the same --outlier-ref / keep-if-outlier options)"
-                                         if cfg.get("outlier_ref") else "")
-                + ", or read its pre-norm tokens (tokens='pre', --tokens pre).")
+                f"run, e.g. `{self.reextract_command(run)}`, or read its pre-norm tokens "
+                "(tokens='pre', --tokens pre).")
         return norm
+
+    def reextract_command(self, run: str) -> str:
+        """The `tokenlake extract` line that redoes `run` with this tokenlake, into `RUN-v3`
+        (for errors about what a run written by an older tokenlake lacks)."""
+        m = self.manifest(run)
+        cfg = m.get("config") or {}
+        line = (f"tokenlake extract --lake {self.path} --model {m.get('model', '?')} --subset "
+                f"{m.get('subset', '?')} --img-size {m.get('img_size', '?')} --policy "
+                f"{m.get('policy', '?')}" + (" --weights random" if m.get("random_weights") else "")
+                + f" --run {run}-v3")
+        if cfg.get("outlier_ref"):
+            line += f" --outlier-ref {cfg['outlier_ref']}"
+        if cfg.get("keep_if_outlier"):
+            line += f" --keep-if-outlier --n {cfg.get('n')}"
+        return line
 
     def image_array(self, run: str, name: str, image_ids: Any) -> np.ndarray:
         """Rows of a per-image array (cls_post, patch_mean_post, ...) at `image_ids`; errors read as 0."""
