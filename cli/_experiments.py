@@ -144,7 +144,7 @@ def _cost(alias: str, px: int) -> tuple[float, int, int, int]:
 @dataclass
 class Rates:
     """img/s per (alias, px) and policy: 'all' | 'sample' | 'summary' (extraction measured by the
-    GPU bench, fed from the pixel store) or 'bare' (a bare forward: DESIGN.md's anchors, or a
+    GPU bench, fed from the pixel store) or 'bare' (a bare forward: docs/MODELS.md's anchors, or a
     measured pair without extraction rows)."""
 
     anchors: dict[tuple[str, int], dict[str, float]]
@@ -177,7 +177,7 @@ def _design_anchors() -> dict[tuple[str, int], dict[str, float]]:
 
 def design_rates(note: str = "") -> Rates:
     return Rates(_design_anchors(),
-                 "bare bf16 forward rates on one H200 from DESIGN.md (not measured by this "
+                 "bare bf16 forward rates on one H200 from docs/MODELS.md (not measured by this "
                  f"project's bench{note}), scaled by parameters x tokens for other models")
 
 
@@ -221,7 +221,7 @@ def load_rates(path: Path) -> Rates:
     anchors = {**_design_anchors(), **measured}
     source = (f"rates measured on {gpu} by the GPU bench ({path}, {data.get('when', '?')}) for "
               f"{pairs}; extraction from the pixel store by policy where measured"
-              + (f"; DESIGN.md's H200 bare-forward anchors for {len(rest)} other pair(s)"
+              + (f"; docs/MODELS.md's H200 bare-forward anchors for {len(rest)} other pair(s)"
                  if rest else "")
               + "; other models scaled by parameters x tokens")
     return Rates(anchors, source, gpu=gpu)
@@ -232,7 +232,7 @@ def _rate(value) -> bool:
 
 
 def default_rates() -> Rates:
-    """The project's committed GPU results when there are GPU rates in it, else DESIGN.md's."""
+    """The project's committed GPU results when there are GPU rates in it, else docs/MODELS.md's."""
     if not GPU_RESULTS.is_file():
         return design_rates(f"; {GPU_RESULTS.name} not found")
     try:
@@ -318,6 +318,10 @@ def print_plan(exp: Experiment, lake: store.Lake | None, rates: Rates | None = N
     print(f"\n{len(rows)} runs ({len(todo)} to do): {hours:.2f} GPU-hours on {rates.gpu}, "
           f"{sum(r['disk'] for r in todo) / 1e12:.2f} TB to write")
     print(f"GPU rates: {rates.source}")
+    fp32 = [r.name() for r in exp.runs if r.precision == "fp32"]
+    if fp32:  # every rate above is a bf16 one: fp32 was never measured on the GPU
+        print(f"{len(fp32)} runs ask for --precision fp32 and are estimated at bf16 rates: on a "
+              "GPU their blocks run without bf16 tensor cores, several times slower")
     _print_stores(exp, lake)
     print(f"{len(exp.analyses)} analyses and {len(exp.probes)} probes follow on the lake (CPU or GPU).")
     return hours

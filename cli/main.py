@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lake", type=Path, default=None, help="mark what this lake already holds")
     p.add_argument("--rates", type=Path, default=None,
                    help="GPU rates from this bench results file (bench/run.py --only gpu); "
-                        "default docs/bench-results-gpu.json if present, else DESIGN.md's")
+                        "default docs/bench-results-gpu.json if present, else docs/MODELS.md's")
     p.set_defaults(func=_commands.plan)
 
     p = sub.add_parser("run", help="execute an experiment file, skipping what the lake holds")

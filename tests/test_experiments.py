@@ -228,7 +228,7 @@ def test_plan_uses_the_committed_gpu_results_else_design(tmp_path, monkeypatch, 
     exp = _small(tmp_path)
     monkeypatch.setattr(_experiments, "GPU_RESULTS", tmp_path / "bench-results-gpu.json")
     _experiments.print_plan(exp, None)
-    assert "from DESIGN.md" in capsys.readouterr().out
+    assert "from docs/MODELS.md" in capsys.readouterr().out
     _results(_experiments.GPU_RESULTS, [{"name": "b", "model": "deit3_m", "img_size": 224,
                                          "bare_img_s": 6_000.0}])
     _experiments.print_plan(exp, None)
