@@ -1,9 +1,9 @@
 """The final norm of a backbone, saved with every run (store/_finalnorm.py says why and how).
 
-The module whose input the lake stores as `tokens` and whose output is the model's output token:
-ViT and Swin-v2 `model.norm` (what `forward_features` ends with), PVT-v2 `stages[-1].norm` (its
-final norm sits inside the last stage). Only per-token norms qualify: LayerNorm, timm's RmsNorm
-or Identity; anything else is refused before extraction starts.
+The module whose input the lake stores as `tokens` and whose output is the model's output token,
+as each family's adapter names it (`Adapter.final_norm_module`: `model.norm` for ViT and Swin-v2,
+what `forward_features` ends with; PVT-v2's sits inside its last stage). Only per-token norms
+qualify: LayerNorm, timm's RmsNorm or Identity; anything else is refused before extraction starts.
 """
 
 from __future__ import annotations
@@ -14,13 +14,8 @@ from timm.layers import RmsNorm
 from tokenlake.extract._adapters import Adapter
 
 
-def final_norm_module(adapter: Adapter) -> torch.nn.Module:
-    model = adapter.model
-    return model.stages[-1].norm if adapter.layout.family == "pvt" else model.norm
-
-
 def check_final_norm_module(adapter: Adapter) -> None:
-    module = final_norm_module(adapter)
+    module = adapter.final_norm_module()
     if not isinstance(module, torch.nn.LayerNorm | RmsNorm | torch.nn.Identity):
         raise ValueError(  # noqa: TRY004 - a request tokenlake cannot serve: the CLI's user error
             f"{type(adapter.model).__name__}'s final norm is a {type(module).__name__}: tokenlake "
@@ -35,7 +30,7 @@ def check_final_norm_module(adapter: Adapter) -> None:
 def final_norm_params(adapter: Adapter) -> dict:
     """The JSON description store.RunWriter.write_final_norm takes (float32 parameters)."""
     check_final_norm_module(adapter)
-    module, dim = final_norm_module(adapter), adapter.layout.embed_dim
+    module, dim = adapter.final_norm_module(), adapter.layout.embed_dim
     if isinstance(module, torch.nn.Identity):
         return {"type": "identity", "dim": dim}
 

@@ -17,13 +17,14 @@ import torch
 from tqdm.auto import tqdm
 
 from tokenlake import store
-from tokenlake.extract._adapters import Adapter, make_adapter
+from tokenlake.extract._adapters import Adapter
 from tokenlake.extract._finalnorm import final_norm_params
 from tokenlake.extract._loader import Batch, InputRow, batches, default_workers
 from tokenlake.extract._models import create_backbone
 from tokenlake.extract._plan import Plan, adapter_options, array_specs, meta_layout
 from tokenlake.extract._policy import TokenPolicy
 from tokenlake.extract._preprocess import cells_at, channel_stats, data_config, normalise
+from tokenlake.extract._registry import make_adapter
 from tokenlake.extract._shardbuf import BatchResult, RowPool, ShardBuffer, copy_rows
 
 

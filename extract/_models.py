@@ -43,7 +43,21 @@ def _specs() -> dict[str, ModelSpec]:
     return {alias: ModelSpec(alias, name, px) for alias, name, px in rows}
 
 
-ALIASES: dict[str, ModelSpec] = _specs()
+ALIASES: dict[str, ModelSpec] = _specs()  # the paper's models
+
+
+def all_aliases() -> dict[str, ModelSpec]:
+    """The paper's aliases and those each model family registers (`Family.aliases`)."""
+    from tokenlake.extract._registry import model_families
+
+    out = dict(ALIASES)
+    for fam in model_families():
+        for alias, name, px in fam.aliases:
+            if alias in out and out[alias].timm_name != name:
+                raise ValueError(f"alias {alias!r} of family {fam.name!r} is already "
+                                 f"{out[alias].timm_name}")
+            out[alias] = ModelSpec(alias, name, px)
+    return out
 
 
 class ModelRequestError(ValueError):
@@ -52,20 +66,21 @@ class ModelRequestError(ValueError):
 
 def resolve_model(name: str) -> ModelSpec:
     """An alias (``dinov2_g_reg4``) or any timm name, with or without a ``.tag``."""
-    if name in ALIASES:
-        return ALIASES[name]
+    known = all_aliases()
+    if name in known:
+        return known[name]
     arch = name.split(".", 1)[0]
     if timm.is_model(arch):
         cfg = timm.get_pretrained_cfg(name) or timm.get_pretrained_cfg(arch)
         size = cfg.input_size[-1] if cfg is not None else 224
         alias = name.replace(".", "-")
         return ModelSpec(alias=alias, timm_name=name, img_size=int(size))
-    candidates = list(ALIASES) + timm.list_models()
+    candidates = list(known) + timm.list_models()
     close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise ModelRequestError(
-        f"unknown model {name!r}.{hint} Use an alias ({', '.join(sorted(ALIASES))}) "
-        "or a timm model name."
+        f"unknown model {name!r}.{hint} Use an alias (`tokenlake models` lists them) or a timm "
+        "model name."
     )
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from tokenlake import store
-from tokenlake.extract._adapters import TokenLayout, make_adapter
+from tokenlake.extract._adapters import TokenLayout
 from tokenlake.extract._finalnorm import check_final_norm_module
 from tokenlake.extract._loader import InputRow
 from tokenlake.extract._models import (
@@ -22,6 +22,7 @@ from tokenlake.extract._models import (
 from tokenlake.extract._neuronstats import ACTS, SPARSITY_ACTIVATION, STATS, MlpRecord, mlp_specs
 from tokenlake.extract._policy import POLICIES
 from tokenlake.extract._preprocess import PREPROCESS
+from tokenlake.extract._registry import make_adapter, supported_family
 from tokenlake.extract._tvdecode import check_decoder
 
 # --precision: the dtype the backbone's blocks run in (bf16 = torch.autocast), the config's
@@ -184,9 +185,9 @@ def plan(request: ExtractRequest) -> Plan:
     if request.decoder != "pil":  # config keys only when set: PIL runs are unchanged
         config["decoder"] = request.decoder
     ttreg = None
-    if (request.record_mlp or request.test_time_registers is not None) and (
-            spec.timm_name.startswith(("swin", "pvt"))):
-        raise ValueError("--record-mlp and --test-time-registers are implemented for ViTs only")
+    supported_family(meta_backbone(spec, img_size), blocks=request.blocks,
+                     record_mlp=request.record_mlp,
+                     ttreg=request.test_time_registers is not None)  # before anything runs
     if request.record_mlp:  # config keys only when set: runs without the options are unchanged
         config["record_mlp"] = _mlp_config(request)
     if request.test_time_registers is not None:
@@ -271,7 +272,8 @@ def reference_threshold(lake: store.Lake, run: str, percentile: float = 0.98) ->
     """The outlier threshold a reference run defines (DESIGN: outliers are a query)."""
     known = {r["run"] for r in lake.runs()}
     if run not in known:
-        raise store.UnknownRun(f"--outlier-ref {run!r} is not a complete run in {lake.path}")
+        raise store.UnknownRun(run, known, detail=f"--outlier-ref names no complete run of "
+                                                  f"{lake.path}")
     table = lake.sql(
         "SELECT threshold FROM thresholds_at(?) WHERE run = ?", params=[percentile, run])
     return float(table.column("threshold")[0].as_py())

@@ -188,17 +188,18 @@ def test_writers_make_the_outliers_and_rank_first(lake):
 
 
 def test_detection_block_is_where_the_outlier_norms_first_appear(lake):
-    assert detection_block(np.array([1.0, 2.0, 5.0, 9.0]), 4.0) == 2
-    assert detection_block(np.array([4.0, 4.0, 4.5]), 4.0) == 2  # strictly above
-    with pytest.raises(ValueError, match="no block"):
-        detection_block(np.array([1.0, 2.0]), 4.0)
+    """The default detection block is the `emergence` view's block (its rule is tested on planted
+    blocks tables in tests/test_cards.py)."""
     path, _, rankings = lake
+    db = open_lake(path)
+    assert detection_block(db, "planted") == WB
+    with pytest.raises(ValueError, match="no outlier patch token or no per-block norms"):
+        detection_block(db, "clean")  # no blocks table
     meta = rankings["default"][1]
     medians = np.array(meta["median_norm_at_final_outliers"])
     assert medians.shape == (DEPTH,) and (medians[:WB] <= meta["threshold"]).all()
     assert medians[WB] > meta["threshold"] and meta["detect_block_rule"].startswith("first block")
     # the medians are those of the blocks table at the run's `outliers` (final outlier patches)
-    db = open_lake(path)
     got = db.sql("SELECT median(b.norm) FROM blocks b JOIN outliers o USING (run, image_id, token) "
                  f"WHERE b.run = 'planted' AND b.block = {WB}").column(0)[0].as_py()
     assert got == pytest.approx(medians[WB], rel=1e-6)
@@ -425,12 +426,12 @@ def test_requests_that_cannot_work_are_refused(lake, capsys):
     refused(_extract(path, weights, "x2", "--test-time-registers", "tt0:1"), "no neuron ranking")
     refused(_extract(path, weights, "x3", "--test-time-registers", "planted:9300"),
             f"ranks {(WB + 1) * HIDDEN} neurons")
-    # statistics need a threshold; raw activations need the statistics; ViTs only
+    # statistics need a threshold; raw activations need the statistics; families that have them
     refused(_extract(path, weights, "x4", "--record-mlp"), "--record-mlp needs --outlier-ref")
     refused(_extract(path, weights, "x5", "--mlp-acts"), "--mlp-acts goes with --record-mlp")
     refused(main(["extract", "--lake", str(path), "--model", "pvt_b0", "--subset", "tiny",
                   "--weights", "random", "--record-mlp", "--outlier-ref", "clean",
-                  "--decode-workers", "0", "--quiet"]), "implemented for ViTs only")
+                  "--decode-workers", "0", "--quiet"]), "--record-mlp: not implemented for the pvt")
     neurons = ["neurons", "--lake", str(path), "--run"]
     refused(main([*neurons, "clean"]), "no register-neuron statistics")
     refused(main([*neurons, "planted", "--detect-block", "12"]), "outside this model's blocks")
