@@ -150,6 +150,33 @@ def sql(args: argparse.Namespace) -> int:
     return 0
 
 
+def cards(args: argparse.Namespace) -> int:
+    from tokenlake.analyze._cards import card_table, side_by_side
+
+    if not args.lake.is_dir():
+        raise store.LakeError(f"no lake at {args.lake}")
+    if args.output is not None and args.format == "table":
+        raise ValueError("--output goes with --format csv or json")
+    table = card_table(store.open_lake(args.lake), runs=args.runs)
+    if args.format != "table":
+        text = store.export_table(table, args.output, format=args.format)
+        if text is not None:
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        return 0
+    head, rows = side_by_side(table)
+    frame = pl.DataFrame([[r[k] for r in rows] for k in range(len(head))], schema=head,
+                         orient="col")
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=10_000,
+                   tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True,
+                   tbl_cell_alignment="LEFT"):
+        print(frame)
+    if any(r["random_weights"] for r in table.to_pylist()):
+        print("[RANDOM WEIGHTS] runs used untrained networks: their cards say nothing about the "
+              "real models.")
+    print("Definitions: sql/views/cards.sql (`tokenlake sql --lake LAKE \"SELECT * FROM cards\"`).")
+    return 0
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
@@ -208,3 +235,10 @@ def demo(args: argparse.Namespace) -> int:
     from tokenlake.cli._demo import run_demo
 
     return run_demo(out=args.out, n_images=args.images)
+
+
+def models(args: argparse.Namespace) -> int:
+    from tokenlake.cli._models_cmd import describe
+
+    print(describe(args.family))
+    return 0

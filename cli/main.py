@@ -163,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=50, help="rows shown by --format table")
     p.set_defaults(func=_commands.sql)
 
+    p = sub.add_parser("cards", help="the outlier card of each run, side by side: threshold, "
+                                     "affected images, max/median norm, bimodality, emergence "
+                                     "block, attention agreement, low-info share, register neurons")
+    _lake(p)
+    p.add_argument("--runs", default=None, help="comma list of runs (default: every complete run)")
+    p.add_argument("--format", default="table", choices=["table", "csv", "json"],
+                   help="table: one column per run, one row per card field; csv, json: one "
+                        "record per run with the `cards` view's typed columns plus family, params")
+    p.add_argument("--output", type=Path, default=None, help="csv/json: write to this file")
+    p.set_defaults(func=_commands.cards)
+
     p = sub.add_parser("runs", help="what is in the lake, with sizes and status")
     _lake(p)
     p.set_defaults(func=_commands.runs)
@@ -171,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     _lake(p)
     p.add_argument("--run", default=None)
     p.set_defaults(func=_commands.validate)
+
+    p = sub.add_parser("models", help="the model families tokenlake extracts from (timm classes, "
+                                      "attention, options, traps) and every alias with its tag, "
+                                      "native resolution and token layout")
+    p.add_argument("--family", default=None, help="only this family (vit, swin, pvt, siglip, ...)")
+    p.set_defaults(func=_commands.models)
 
     _analyze_cmd.register(sub)
     _probe_cmd.register(sub)

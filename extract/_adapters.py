@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class TokenLayout:
-    family: str  # "vit" | "swin" | "pvt"
+    family: str  # the registry family's name: "vit", "swin", "pvt", "siglip", ...
     n_cls: int
     n_reg: int
     grid: tuple[int, int]  # output patch grid (rows, cols)

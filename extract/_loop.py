@@ -21,7 +21,7 @@ from tokenlake.extract._adapters import Adapter
 from tokenlake.extract._finalnorm import final_norm_params
 from tokenlake.extract._loader import Batch, InputRow, batches, default_workers
 from tokenlake.extract._models import create_backbone
-from tokenlake.extract._plan import Plan, adapter_options, array_specs, meta_layout
+from tokenlake.extract._plan import Plan, adapter_options, array_specs, meta_adapter_info
 from tokenlake.extract._policy import TokenPolicy
 from tokenlake.extract._preprocess import cells_at, channel_stats, data_config, normalise
 from tokenlake.extract._registry import make_adapter
@@ -35,10 +35,11 @@ def pixel_source(p: Plan) -> tuple[str, str] | None:
 
 def open_writer(p: Plan) -> store.RunWriter:
     """The run's writer; refuses a run made with another configuration."""
-    layout = meta_layout(p)
+    layout, family_arrays = meta_adapter_info(p)
     return store.RunWriter(p.request.lake, p.run, config=p.config,
                            shard_size=p.request.shard_size, n_shards=p.n_shards,
-                           tokens_per_image=layout.n_tokens, arrays=array_specs(layout))
+                           tokens_per_image=layout.n_tokens,
+                           arrays=array_specs(layout, family_arrays))
 
 
 def work(p: Plan, shards: list[int] | None = None, *, log=print) -> dict:
@@ -92,7 +93,8 @@ class _Extractor:
         self._free_pinned: list[dict[str, torch.Tensor]] = []  # sets a finished batch gave back
         self.stats = channel_stats(cfg, self.device)
         # every per-image array the run declares reaches the host in its declared dtype
-        self.image_dtypes = {k: getattr(torch, s.dtype) for k, s in array_specs(self.layout).items()
+        self.image_dtypes = {k: getattr(torch, s.dtype) for k, s in
+                             array_specs(self.layout, adapter.image_arrays()).items()
                              if s.kind == "image"}
         self.bf16 = plan_.config["compute_dtype"] == "bfloat16"  # --precision
 

@@ -131,7 +131,7 @@ def create_backbone(spec: ModelSpec, *, weights: Weights, img_size: int) -> torc
     """Build the model in eval mode at ``img_size``."""
     kwargs: dict = {}
     arch = spec.timm_name.split(".", 1)[0]
-    if arch.startswith(("vit_", "deit", "eva")):
+    if arch.startswith(("vit_", "deit", "eva", "aimv2_")):  # AIMv2 is a VisionTransformer too
         kwargs["img_size"] = img_size
     if weights.kind == "file":
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights.path)}

@@ -279,7 +279,10 @@ def reference_threshold(lake: store.Lake, run: str, percentile: float = 0.98) ->
     return float(table.column("threshold")[0].as_py())
 
 
-def array_specs(layout: TokenLayout) -> dict[str, store.ArraySpec]:
+def array_specs(layout: TokenLayout, image_arrays: dict[str, tuple[tuple[int, ...], str]] | None = None
+                ) -> dict[str, store.ArraySpec]:
+    """Every array a run stores: tokenlake's own, then the per-image arrays the family's adapter
+    declares (`Adapter.image_arrays()`: name -> (row shape, dtype)), which may not reuse a name."""
     d = layout.embed_dim
     specs = {
         "tokens": store.ArraySpec(shape=(d,), dtype="float16", kind="token"),
@@ -293,16 +296,25 @@ def array_specs(layout: TokenLayout) -> dict[str, store.ArraySpec]:
     if layout.mlp_hidden:  # --record-mlp
         specs.update(mlp_specs(layout.depth, layout.mlp_hidden, layout.n_patches,
                                acts=layout.mlp_acts))
+    for name, (shape, dtype) in (image_arrays or {}).items():
+        if name in specs:
+            raise ValueError(f"the {layout.family} adapter declares an image array {name!r}, a name "
+                             "tokenlake's own arrays use")
+        specs[name] = store.ArraySpec(shape=tuple(shape), dtype=dtype, kind="image")
     return specs
 
 
-def meta_layout(plan_: Plan) -> TokenLayout:
-    """The token layout from a weightless model on the meta device (instant even for ViT-G)."""
+def meta_adapter_info(plan_: Plan) -> tuple[TokenLayout, dict[str, tuple[tuple[int, ...], str]]]:
+    """The token layout and the family's own image arrays (`Adapter.image_arrays()`), from a
+    weightless model on the meta device (instant even for ViT-G)."""
     model = meta_backbone(plan_.spec, plan_.img_size)  # the adapter's close() restores it
     adapter = make_adapter(model, img_size=plan_.img_size, blocks=plan_.request.blocks,
                            **adapter_options(plan_))
     adapter.close()
     check_final_norm_module(adapter)  # refused before anything runs, not after the first batch
-    return adapter.layout
+    return adapter.layout, adapter.image_arrays()
 
 
+def meta_layout(plan_: Plan) -> TokenLayout:
+    """The token layout from a weightless model on the meta device (instant even for ViT-G)."""
+    return meta_adapter_info(plan_)[0]

@@ -1,4 +1,4 @@
-"""Register neurons of a timm ViT: recording MLP activations, and test-time registers.
+"""Register neurons of a timm ViT or Eva: recording MLP activations, and test-time registers.
 
 After Jiang et al. 2025 (*Vision Transformers Don't Need Trained Registers*;
 github.com/nickjiang2378/test-time-registers): a few MLP neurons ("register neurons") put the
@@ -7,16 +7,23 @@ can take them over. What this module does, precisely:
 
 * **Hidden activation** of block ``b``'s MLP = the input of ``blocks[b].mlp.fc2``: ``act(fc1(x))``
   for timm's ``Mlp`` (DINOv2-S/B/L, DeiT, CLIP) and ``x1 * act(x2)`` (the gated product) for
-  ``GluMlp``/SwiGLU (DINOv2-G), in both cases after dropout (identity in eval) and the MLP's
-  optional norm. Neuron ``n`` of block ``b`` is channel ``n`` of that input. (Theirs: the output
-  of ``mlp.act``, or of the SwiGLU's hidden identity; the same tensor.) ``--record-mlp`` reduces it
-  to per-image statistics (extract/_neuronstats.py) that ``tokenlake neurons`` ranks
-  (analyze/_neurons.py, with its own differences from their ranking).
+  ``GluMlp``/SwiGLU (DINOv2-G; ``silu(gate) * x`` in DINOv3 S+/H+/7B and EVA-02), in both cases
+  after dropout (identity in eval) and the MLP's optional norm (a LayerNorm over the neurons in
+  EVA-02 B/L, ``scale_mlp``). Neuron ``n`` of block ``b`` is channel ``n`` of that input.
+  (Theirs: the output of ``mlp.act``, or of the SwiGLU's hidden identity; the same tensor.)
+  ``--record-mlp`` reduces it to per-image statistics (extract/_neuronstats.py) that
+  ``tokenlake neurons`` ranks (analyze/_neurons.py, with its own differences from their ranking).
 * **The extra token** (kind ``ttreg``) is a zero vector inserted into the sequence right after the
   prefix tokens timm builds (CLS, then trained registers), before the patches, *after* the
   position embedding was added: it has no position embedding, so patches keep their exact
-  positions and embeddings. ``model.num_prefix_tokens`` grows by one, so timm's own code
-  (``forward_intermediates``, pooling) treats it as a prefix token.
+  positions and embeddings. ``num_prefix_tokens`` grows by one on the model and on every
+  submodule that counts prefix tokens, so timm's own code (``forward_intermediates``, pooling)
+  treats it as a prefix token. On timm's ``Eva`` (DINOv3, EVA-02), ``_pos_embed`` returns
+  ``(x, rope)`` with a rotary embedding for the patches only, and each ``EvaAttention`` rotates
+  the tokens after *its own* ``num_prefix_tokens``: raising those too leaves the extra token
+  unrotated (as CLS and storage tokens) and every patch with its own rotation, whatever the batch
+  size (tested: with the extra token masked out of attention, every other token equals the plain
+  model's).
 * **Moving the activations**: for each chosen neuron (block ``b``, neuron ``n``) a forward
   pre-hook on ``blocks[b].mlp.fc2`` replaces, per image, the extra token's activation by the
   **maximum of that neuron's activation over the image's patch tokens** and sets the neuron's
@@ -68,13 +75,27 @@ def parse_ttreg(value: str) -> tuple[str, int]:
     return run, int(k)
 
 
+def prefix_counters(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model and every submodule holding its own ``num_prefix_tokens``: timm's Eva keeps one in
+    each EvaAttention (which tokens get the rotary embedding), AttentionRope and PatchDropout keep
+    theirs; a VisionTransformer only the model's. All must agree."""
+    named = {name or "model": m for name, m in model.named_modules()
+             if isinstance(getattr(m, "num_prefix_tokens", None), int)}
+    values = {name: m.num_prefix_tokens for name, m in named.items()}
+    if "model" not in named or len(set(values.values())) != 1:
+        raise ValueError(f"num_prefix_tokens disagree across {type(model).__name__}'s modules "
+                         f"({values}): cannot insert a test-time register")
+    return list(named.values())
+
+
 class TTRegister:
-    """Installs the extra token and the activation-moving hooks on a timm VisionTransformer;
+    """Installs the extra token and the activation-moving hooks on a timm VisionTransformer or Eva;
     ``close()`` restores the model exactly."""
 
     def __init__(self, model: torch.nn.Module, neurons: list[tuple[int, int]]) -> None:
         self.model = model
         self.index = int(model.num_prefix_tokens)  # the extra token's position in the sequence
+        self.counters = prefix_counters(model)
         self.neurons = [(int(b), int(n)) for b, n in neurons]
         depth, hidden = len(model.blocks), mlp_hidden_size(model)
         for b, n in self.neurons:
@@ -85,13 +106,20 @@ class TTRegister:
         original = model._pos_embed  # the bound method of the class
         index = self.index
 
-        def _pos_embed(x: torch.Tensor) -> torch.Tensor:
-            x = original(x)  # [B, prefix + Np, D], position embedding added, pos_drop applied
+        def insert(x: torch.Tensor) -> torch.Tensor:
+            # [B, prefix + Np, D] -> [B, prefix + 1 + Np, D]
             zero = x.new_zeros(x.shape[0], 1, x.shape[-1])
             return torch.cat([x[:, :index], zero, x[:, index:]], dim=1)
 
+        def _pos_embed(x: torch.Tensor, *args, **kwargs):
+            out = original(x, *args, **kwargs)  # position embedding added, pos_drop applied
+            if isinstance(out, tuple):  # Eva: (x, rope); rope covers the patches only: unchanged
+                return (insert(out[0]), *out[1:])
+            return insert(out)
+
         model._pos_embed = _pos_embed  # instance attribute shadows the method; removed by close()
-        model.num_prefix_tokens += 1
+        for counter in self.counters:
+            counter.num_prefix_tokens += 1
         by_block: dict[int, list[int]] = defaultdict(list)
         for b, n in self.neurons:
             by_block[b].append(n)
@@ -124,4 +152,5 @@ class TTRegister:
         self.handles.clear()
         if "_pos_embed" in vars(self.model):
             del self.model._pos_embed
-            self.model.num_prefix_tokens -= 1
+            for counter in self.counters:
+                counter.num_prefix_tokens -= 1

@@ -202,3 +202,26 @@ def test_unsupported_architecture_is_refused_clearly():
 
     with pytest.raises(ValueError, match="does not know how to extract"):
         make_adapter(timm.create_model("resnet18", pretrained=False), img_size=224)
+
+
+@torch.no_grad()
+def test_pvt_attention_is_fp32_under_bf16_autocast():
+    """Autocast re-casts `.float()` matmul operands to bf16: the received attention must be the
+    fp32 softmax of the very q and k the bf16 forward produced (~0.5% off otherwise)."""
+    model = _model("pvt_b0", 64)
+    adapter = make_adapter(model, img_size=64)
+    attn, seen = model.stages[-1].blocks[-1].attn, {}
+    hooks = [attn.q.register_forward_hook(lambda _m, _a, o: seen.__setitem__("q", o)),
+             attn.kv.register_forward_hook(lambda _m, _a, o: seen.__setitem__("kv", o))]
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = adapter(x)
+    for h in hooks:
+        h.remove()
+    adapter.close()
+    b, t, _ = seen["q"].shape
+    q = seen["q"].double().reshape(b, t, attn.num_heads, -1).transpose(1, 2)  # [B, h, T, hd]
+    k = seen["kv"].double().reshape(b, t, 2, attn.num_heads, -1)[:, :, 0].transpose(1, 2)
+    want = (q @ k.transpose(-2, -1) * attn.scale).softmax(-1).mean((1, 2))  # [B, T]
+    assert out["attn"].dtype == torch.float32
+    np.testing.assert_allclose(out["attn"], want, atol=2e-6, rtol=1e-5)

@@ -48,7 +48,9 @@ class PVTAdapter(Adapter):
         if k.shape[2] != t:
             raise ValueError("PVT's last stage pools its keys (an _li variant?); attention per token "
                              "is undefined")
-        probs = (q.float() @ k.float().transpose(-2, -1) * self.attn.scale).softmax(-1)
+        # fp32 even under bf16 autocast, which would re-cast the .float() operands of the matmul
+        with torch.autocast(x.device.type, enabled=False):
+            probs = (q.float() @ k.float().transpose(-2, -1) * self.attn.scale).softmax(-1)
         embed = pool_to(self.hooks.pop("embed"), lay.grid)
         pooled = post.float().mean(1)  # what forward_head(pre_logits=True) averages
         return {

@@ -1,5 +1,6 @@
-"""timm VisionTransformer: DINO, DINOv2 (± registers), DeiT3, OpenCLIP, and any ViT with a fused
-qkv projection (CLS and trained registers from ``num_prefix_tokens``).
+"""timm VisionTransformer: DINO, DINOv2 (± registers), DeiT3, OpenCLIP, C-RADIO, AIMv2, and any ViT
+with a fused qkv projection (CLS and trained registers from ``num_prefix_tokens``). SigLIP's
+attention-pooling ViTs have a family of their own (siglip.py).
 
 The last block's attention is recomputed from its qkv projection (q_norm/k_norm applied) in fp32:
 with a CLS token, the CLS row, mean over heads; without one, the attention each token receives,
@@ -76,12 +77,14 @@ class ViTAdapter(Adapter):
         pre = self.hooks.pop("pre")  # [B, T, D]
         q, k, v = self._q_k_v(self.hooks.pop("qkv"))
         scale = self.model.blocks[-1].attn.scale
-        if lay.n_cls:
-            logits = torch.einsum("bhd,bhtd->bht", q[:, :, 0].float(), k.float()) * scale
-            attn = logits.softmax(-1).mean(1)  # [B, T]
-        else:
-            probs = (q.float() @ k.float().transpose(-2, -1) * scale).softmax(-1)  # [B, h, T, T]
-            attn = probs.mean((1, 2))
+        # fp32 even under bf16 autocast, which would re-cast the .float() operands of the matmuls
+        with torch.autocast(x.device.type, enabled=False):
+            if lay.n_cls:
+                logits = torch.einsum("bhd,bhtd->bht", q[:, :, 0].float(), k.float()) * scale
+                attn = logits.softmax(-1).mean(1)  # [B, T]
+            else:
+                probs = (q.float() @ k.float().transpose(-2, -1) * scale).softmax(-1)  # [B, h, T, T]
+                attn = probs.mean((1, 2))  # [B, T]
         embed = self.hooks.pop("embed")  # [B, Np, D] or [B, H, W, D]
         embed = embed.reshape(embed.shape[0], *lay.grid, embed.shape[-1])
         patches_post = post[:, lay.n_prefix:]
@@ -110,6 +113,22 @@ class ViTAdapter(Adapter):
         return out
 
 
+# Register-era models that are plain timm VisionTransformers (docs/MODELS.md, "Extracting RADIO,
+# SigLIP and AIMv2"): (alias, "timm_name.tag", timm's pretrained input size). RADIO's prefix tokens
+# (CLS + 7 in v3, CLS + 9 in v4) and AIMv2's none are read from the model, never from these names.
+REGISTER_ERA_ALIASES = (
+    ("radio_b", "vit_base_patch16_radio_v3.c_radio", 512),
+    ("radio_l", "vit_large_patch16_radio_v3.c_radio", 512),
+    ("radio_h", "vit_huge_patch16_radio_v3.c_radio", 512),
+    ("radio_g", "vit_giant_patch16_radio_v3.c_radio", 512),
+    ("radio_v4_h", "vit_huge_patch16_radio_v4.c_radio", 512),
+    ("radio_v4_so400m", "vit_so400m_patch16_radio_v4.c_radio", 512),
+    ("aimv2_l", "aimv2_large_patch14_224.apple_pt", 224),
+    ("aimv2_h", "aimv2_huge_patch14_224.apple_pt", 224),
+    ("aimv2_1b", "aimv2_1b_patch14_224.apple_pt", 224),
+    ("aimv2_3b", "aimv2_3b_patch14_224.apple_pt", 224),
+)
+
 FAMILY = register(Family(
     name="vit", adapter=ViTAdapter, classes=("VisionTransformer",),
     description="timm VisionTransformer: CLS (or none), trained registers, patches",
@@ -117,5 +136,9 @@ FAMILY = register(Family(
               "attention each token receives, mean over heads and queries",
     supports=frozenset({"blocks", "record_mlp", "ttreg"}),
     traps="fused attention never forms probabilities: recomputed from the last block's qkv; "
-          "with registers the CLS row is not renormalised over the patches",
+          "with registers the CLS row is not renormalised over the patches; RADIO's 'registers' "
+          "include its other teachers' CLS tokens (v3: 7, v4: 9) and its final norm is Identity "
+          "(pre = post tokens); AIMv2's final norm is an RmsNorm, and its patch_embed ends with "
+          "one",
+    aliases=REGISTER_ERA_ALIASES,
 ))
