@@ -16,15 +16,19 @@ import pyarrow as pa
 from tokenlake import sql as tsql
 from tokenlake.store import Lake, LakeError, export_documented, open_lake
 
-FAMILIES = ("dinov2_reg4", "dinov2", "dino", "clip", "deit3", "pvt", "swinv2")
+# Known families, in the order figures list them. dinov3_*, eva02_*, radio_*, siglip_* and aimv2_*
+# are the aliases of the later families (DINOv3 always has its 4 storage registers: no _reg4 twin).
+FAMILIES = ("dinov2_reg4", "dinov2", "dino", "clip", "deit3", "pvt", "swinv2", "dinov3", "eva02",
+            "radio", "siglip", "aimv2")
 
 
 def family_of(model: str | None) -> str:
-    """Model family from a model alias: dinov2_*_reg4 -> 'dinov2_reg4', dinov2_g -> 'dinov2', ..."""
+    """Model family from a model alias: dinov2_*_reg4 -> 'dinov2_reg4', dinov2_g -> 'dinov2',
+    dinov3_l -> 'dinov3', ...; an unknown alias gives its first word (timm names included)."""
     m = (model or "unknown").lower()
     if m.startswith("dinov2") and m.endswith("_reg4"):
         return "dinov2_reg4"
-    for f in ("dinov2", "dino", "clip", "deit3", "pvt", "swinv2"):
+    for f in FAMILIES[1:]:
         if m == f or m.startswith(f + "_"):
             return f
     return re.split(r"[_\-.]", m, maxsplit=1)[0]

@@ -13,7 +13,9 @@ shared/algorithms.py ``find_register_neurons`` followed by the notebook's (regis
     detection block d   ``--detect-block``; default: the block where outlier norms first appear =
                         the first block whose output norm, at the run's final outlier patch tokens
                         (O_{L-1}, all images pooled; the ``outliers`` view), has a median (DuckDB
-                        ``median``, interpolated) above thr. Read from the ``blocks`` table.
+                        ``median``, interpolated) above thr. Read from the ``blocks`` table
+                        through the ``emergence`` view (sql/views/emergence.sql), the one
+                        definition the outlier cards (``cards`` view) share.
     images              I_d: the images with at least one token in O_d (theirs: ``continue``)
     score[l, h]         mean over i in I_d of ( mean over p in O_d(i) of |a_i[l, h, p]| ) x s_i[l, h]
     sparsity s_i[l, h]  ``--sparsity-filter on`` (default, as the notebook calls it): 1 if at least
@@ -72,12 +74,10 @@ from tokenlake.analyze._common import RunInfo, as_lake, out_dir, resolve_runs, s
 METHODS = ("jiang", "contrast")
 SPARSITY_FRAC = 0.5  # their sparsity_frac_threshold default
 
-_MEDIANS = """
-SELECT b.block, median(b.norm) AS median
-FROM blocks AS b JOIN tokens AS t USING (run, image_id, token)
-WHERE t.run = ? AND t.kind = 'patch' AND t.norm > ?
-GROUP BY b.block ORDER BY b.block
-"""
+# The emergence block and the per-block medians it is read from are defined ONCE, by the SQL view
+# `emergence` (sql/views/emergence.sql), which the outlier cards (`cards` view) read too.
+_EMERGENCE = ("SELECT block, median_norm, threshold, n_blocks, emergence_block FROM emergence "
+              "WHERE run = ? ORDER BY block")
 
 
 def _cfg(m: dict[str, Any], key: str) -> Any:
@@ -85,12 +85,28 @@ def _cfg(m: dict[str, Any], key: str) -> Any:
     return cfg.get(key) if isinstance(cfg, dict) else m.get(key)
 
 
-def detection_block(medians: np.ndarray, threshold: float) -> int:
-    """The first block whose median output norm at the final outliers exceeds the threshold."""
-    above = np.flatnonzero(np.asarray(medians) > threshold)
-    if above.size == 0:
-        raise ValueError(f"no block's median norm at the final outliers exceeds {threshold}")
-    return int(above[0])
+def emergence(lk: store.Lake, run: str) -> dict[str, Any]:
+    """Where the run's outliers emerge (the `emergence` view): {"medians": median output norm per
+    block at the final outlier patches (empty without a blocks table or an outlier), "threshold",
+    "n_blocks", "block": the first block whose median exceeds the threshold, or None}."""
+    t = lk.sql(_EMERGENCE, params=[run]).to_pydict()
+    return {"medians": np.asarray(t["median_norm"], np.float64),
+            "threshold": t["threshold"][0] if t["block"] else None,
+            "n_blocks": t["n_blocks"][0] if t["block"] else None,
+            "block": t["emergence_block"][0] if t["block"] else None}
+
+
+def detection_block(lk: store.Lake, run: str, *, em: dict[str, Any] | None = None) -> int:
+    """The default detection block: the block where the run's outliers emerge (`emergence`;
+    `em`: its result when already read)."""
+    e = emergence(lk, run) if em is None else em
+    if not e["medians"].size:
+        raise ValueError(f"run {run!r} has no outlier patch token or no per-block norms: nothing "
+                         "to find the detection block from")
+    if e["block"] is None:
+        raise ValueError(f"no block's median norm at the final outliers of run {run!r} exceeds "
+                         f"its threshold {e['threshold']}")
+    return int(e["block"])
 
 
 def _block(value: int | None, depth: int, what: str) -> int | None:
@@ -167,7 +183,13 @@ def rank_neurons(lake: Any, run: str, *, method: str = "jiang", detect_block: in
     last = depth - 1
     det, high = _block(detect_block, depth, "--detect-block"), _block(highest_block, depth,
                                                                        "--highest-block")
-    medians = lk.sql(_MEDIANS, params=[run, threshold]).column("median").to_numpy()
+    em = emergence(lk, run)
+    medians = em["medians"]
+    if em["threshold"] is not None and not np.isclose(em["threshold"], threshold, rtol=1e-9,
+                                                      atol=0):
+        raise ValueError(f"run {run!r} was recorded with threshold {threshold}, but its outliers "
+                         f"(the `outliers` view) use {em['threshold']}: the per-block medians "
+                         "would be taken at other patches than the statistics")
     if method == "contrast":
         if det not in (None, last) or sparsity_filter:
             raise ValueError("--method contrast compares the last block's outliers with the other "
@@ -177,7 +199,8 @@ def rank_neurons(lake: Any, run: str, *, method: str = "jiang", detect_block: in
         if medians.size != depth:
             raise ValueError(f"run {run!r} has no outlier patch token (threshold {threshold}) or "
                              "no per-block norms: nothing to find the detection block from")
-        det, rule = detection_block(medians, threshold), "first block with median norm > threshold"
+        det = detection_block(lk, run, em=em)
+        rule = "first block with median norm > threshold (the `emergence` view)"
     else:
         rule = "--detect-block"
     high = (last if method == "contrast" else det) if high is None else high

@@ -12,6 +12,7 @@ from typing import Any
 
 from tokenlake.analyze._artifacts import artifacts
 from tokenlake.analyze._blocks import blocks
+from tokenlake.analyze._cards import cards, per_run
 from tokenlake.analyze._common import RunInfo, as_lake, resolve_runs
 from tokenlake.analyze._maps import maps
 from tokenlake.analyze._neighbours import neighbours
@@ -33,6 +34,24 @@ from tokenlake.analyze._verdicts import (
 DISAGREE = "Claim 1 — where attention and norm disagree"
 REGISTERS = "Registers — none vs trained vs test-time"
 ROLES = "Runs and their role in the verdicts"
+CARDS = "Outlier cards"
+CARDS_INTRO = (
+    "Per run: does the model have artifacts, where, and how bad (`tokenlake cards`; definitions "
+    "in sql/views/cards.sql, the `cards` view). Outliers: patch tokens above the 98th percentile of "
+    "the threshold run's patch norms (the cards keep the paper's top 2 % whatever --percentile "
+    "says). Emergence block: the first block whose median output norm at the final outlier "
+    "patches exceeds the threshold, for runs "
+    "extracted with --blocks all. Attention–norm agreement: claim 1's pooled top-k agreement. "
+    "Low-info areas: claim 3's P(nbr_cos above the run's 90th percentile | outlier), 10 % for a "
+    "patch chosen at random. Top register neurons: the best 3 of the run's ranking (`tokenlake "
+    "neurons`), or of a run of the same model and weights, as named. Every run is carded; random-"
+    "weight runs are flagged and are never evidence.")
+CARDS_CAPTION = (
+    "Card numbers of every run against its parameter count (log scale): one marker shape and "
+    "colour per model family; filled markers are the canonical run of each model (the run the "
+    "verdicts read), hollow ones the other runs (other resolutions, subsets, interventions); a red "
+    "ring marks random weights. Emergence is drawn as (block + 1) / blocks: 1 = the last block. "
+    "Runs without a parameter count, or without the number a panel shows, are listed, not drawn.")
 REG_COLS = ["registers", "run", "k", "median", "max", "max_median_ratio", "outliers_own",
             "above_base", "jaccard", "precision", "recall", "base_run", "mean_rel_l2", "max_rel_l2"]
 REG_CAPTION = ("Patch-token norms of the same images without registers, with trained registers "
@@ -169,6 +188,12 @@ def report(lake: Any, *, out: str | Path | None = None, runs: list[str] | str | 
             missing.append(f"blocks for run {run}: {why}")
     roles = select_roles(infos, subset=subset, explicit=explicit)
     canon = [r for r, role in roles.items() if role.canonical]
+    try:  # the outlier cards (analyze/_cards.py): every run, canonical ones filled in the figure
+        results["cards"] = cards(lk, runs=[i.run for i in infos], out=figdir, canonical=set(canon))
+    except Exception as err:  # noqa: BLE001 — reported as missing, like the jobs
+        results["cards"] = None
+        missing.append(f"cards: {type(err).__name__}: {err}")
+        traceback.print_exc()
     topk: dict | None = {}
     if canon:
         try:
@@ -285,6 +310,16 @@ class _Doc:
         section("verdicts", "Verdicts on the paper's claims", "".join(v))
         section("roles", ROLES, f'<p class="rule">{e(self.selection)}</p>'
                 + table(["run", "model", "weights", "role in the verdicts"], self.roles, "text"))
+        crd = self.results.get("cards")
+        if crd:
+            head, rows = per_run(crd["cards"])
+            data = base64.b64encode(Path(crd["figure"]).read_bytes()).decode()
+            section("cards", CARDS, f'<p class="rule">{e(CARDS_INTRO)}</p>'
+                    + f'<div class="wide">{table(head, rows, "text")}</div>'
+                    + f'<figure><img src="data:image/png;base64,{data}" alt="{e(CARDS)}">'
+                    f'<figcaption>{e(CARDS_CAPTION)} Data: <code>cards.parquet</code>, '
+                    f'<code>cards.csv</code> in <code>{e(str(Path(crd["figure"]).parent))}</code>.'
+                    '</figcaption></figure>')
         for k, (key, title, path, cap) in enumerate(self._figures()):
             data = base64.b64encode(Path(path).read_bytes()).decode()
             r = self.results[key]
@@ -380,6 +415,13 @@ class _Doc:
                             [[k, p["verdict"], p["numbers"]] for k, p in c["runs"].items()]), ""]
         L += [f"## {ROLES}", "", self.selection, "",
               table([["run", "model", "weights", "role in the verdicts"], *self.roles]), ""]
+        crd = self.results.get("cards")
+        if crd:
+            head, rows = per_run(crd["cards"])
+            fig = Path(crd["figure"])
+            rel = fig.relative_to(self.out) if fig.is_relative_to(self.out) else fig
+            L += [f"## {CARDS}", "", CARDS_INTRO, "", table([head, *rows]), "",
+                  f"![{CARDS}]({rel.as_posix()})", "", CARDS_CAPTION, ""]
         for k, (key, title, path, cap) in enumerate(self._figures()):
             rel = Path(path).relative_to(self.out) if Path(path).is_relative_to(self.out) else Path(path)
             L += [f"## {title}", "", f"![{title}]({rel.as_posix()})", "", f"*Figure {k + 1}.* {cap}", ""]
@@ -434,5 +476,6 @@ tbody tr:nth-child(even){background:#fafafa}
 .v.rnd{background:#d62728;color:#fff}
 .rule{color:#555;font-size:13px;margin:0}.missing{color:#8a1c12;font-weight:bold}
 .note{color:#7a5a00;font-size:13px}
+.wide{overflow-x:auto}
 pre{background:#f6f8fa;padding:10px;border-radius:4px;overflow-x:auto;font-size:12px}
 """

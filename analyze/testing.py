@@ -16,7 +16,7 @@ def planted_run(*, n_images: int = 6, grid: int = 5, n_reg: int = 1, patch: int 
                 attention: str = "same", model: str = "dinov2_s", params: int | None = 22_000_000,
                 random_weights: bool = False, outlier_norm: float = 1000.0,
                 outlier_cells: tuple[tuple[int, int], ...] = OUTLIER_CELLS,
-                blocks: int = 0, store: str = "all", seed: int = 0,
+                blocks: int = 0, emerge_at: int | None = None, store: str = "all", seed: int = 0,
                 layout_extra: dict[str, Any] | None = None, subset: str = "planted",
                 native_img_size: int | bool = True, policy: str | None = None,
                 config: dict[str, Any] | None = None, norms: str = "uniform") -> dict[str, Any]:
@@ -31,6 +31,9 @@ def planted_run(*, n_images: int = 6, grid: int = 5, n_reg: int = 1, patch: int 
     (40 r, 40 c, 30 i). store: 'all' stores every token's embedding/pixels, 'prefix' only prefix
     tokens (no pixels for patches), 'none' no token arrays at all. blocks > 0 adds a blocks table
     (block b's norm = (b + 1) * final norm, q/k/v norms 1, 2, 3 times the norm on the last block).
+    `emerge_at` (with blocks): the outliers emerge at that block instead: the outlier cells' block
+    norm is 15 (a normal patch's) before it and `outlier_norm` from it on, except the first cell,
+    which emerges one block earlier (a minority early: the median rule is not fooled by it).
     Source ids are `img{i}.jpg`, shared by every planted run.
 
     Manifest: img_size = grid * patch; `native_img_size` True records that size as the model's
@@ -38,6 +41,8 @@ def planted_run(*, n_images: int = 6, grid: int = 5, n_reg: int = 1, patch: int 
     tokenlake recorded it); `policy` (default: `store`) and `subset` as given; `config` becomes
     manifest['config'] (keep_if_outlier, test_time_registers, preprocess, ...) when given.
     """
+    if emerge_at is not None and not 0 <= emerge_at < blocks:
+        raise ValueError(f"emerge_at must be a block in 0..{blocks - 1}, got {emerge_at}")
     if norms not in ("uniform", "gaussian"):
         raise ValueError(f"norms must be 'uniform' or 'gaussian', got {norms!r}")
     rng = np.random.default_rng(seed)
@@ -129,7 +134,11 @@ def planted_run(*, n_images: int = 6, grid: int = 5, n_reg: int = 1, patch: int 
         parts = []
         for b in range(blocks):
             last = b == blocks - 1
-            f = norm.ravel() * (b + 1)
+            f = norm * (b + 1)
+            if emerge_at is not None:
+                for k, (r, c) in enumerate(outlier_cells):
+                    f[0, n_pre + r * grid + c] = outlier_norm if b >= emerge_at - (k == 0) else 15.0
+            f = f.ravel()
             q = [pa.array(norm.ravel() * k if last else np.full(n_all, np.nan, np.float32),
                           pa.float32(), mask=None if last else np.ones(n_all, bool)) for k in (1, 2, 3)]
             parts.append(pa.table({"image_id": img, "block": np.full(n_all, b, np.int16), "token": tok,

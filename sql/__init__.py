@@ -12,7 +12,7 @@ from importlib.resources import files
 __all__ = ["query_names", "query_text", "view_names", "view_text"]
 
 # Dependency order: each view may use the ones before it.
-_VIEWS = ("thresholds", "thresholds_at", "outliers")
+_VIEWS = ("thresholds", "thresholds_at", "outliers", "emergence", "cards")
 
 
 def _read(folder: str, name: str, known: list[str]) -> str:

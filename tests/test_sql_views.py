@@ -99,7 +99,7 @@ def test_base_views_typed_on_empty_and_full_lake(tmp_path, known, view):
         assert d["column_name"][0] == "run"
         if n == 0:
             assert lk.sql(f"SELECT count(*) AS n FROM {view}").column("n")[0].as_py() == 0
-    assert tsql.view_names() == ["thresholds", "thresholds_at", "outliers"]
+    assert tsql.view_names() == ["thresholds", "thresholds_at", "outliers", "emergence", "cards"]
     assert empty.sql("SELECT * FROM thresholds").num_rows == 0
     assert empty.sql("SELECT * FROM outliers").num_rows == 0
 
