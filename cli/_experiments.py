@@ -41,6 +41,7 @@ GPU_RESULTS = Path(__file__).resolve().parents[1] / "docs" / "bench-results-gpu.
 # Until a 5k run says otherwise, assume half the candidates of a keep-if-outlier run are kept.
 DEFAULT_KEEP_SHARE = 0.5
 PARQUET_BYTES_PER_TOKEN = 24  # measured on demo lakes: ~9 columns, zstd
+BLOCKS_BYTES_PER_ROW = 13  # the blocks table (--blocks all), measured on the demo lake
 
 
 @dataclass
@@ -128,8 +129,9 @@ def _family(alias: str) -> str:
 
 
 @functools.cache
-def _cost(alias: str, px: int) -> tuple[float, int, int, int]:
-    """(params x tokens, tokens, embed dim, cell pixels) of a model at px, from a weightless copy."""
+def _cost(alias: str, px: int) -> tuple[float, int, int, int, int]:
+    """(params x tokens, tokens, embed dim, cell pixels, depth) of a model at px, from a
+    weightless copy."""
     spec = resolve_model(alias)
     model = meta_backbone(spec, px)
     from tokenlake.extract import make_adapter
@@ -138,7 +140,7 @@ def _cost(alias: str, px: int) -> tuple[float, int, int, int]:
     adapter.close()  # the cached meta model must not keep hooks
     layout = adapter.layout
     params = sum(t.numel() for t in model.parameters())
-    return params * layout.n_tokens, layout.n_tokens, layout.embed_dim, layout.cell
+    return params * layout.n_tokens, layout.n_tokens, layout.embed_dim, layout.cell, layout.depth
 
 
 @dataclass
@@ -261,7 +263,7 @@ def _subset_size(spec: dict) -> int:
 def estimate(exp: Experiment, run: RunSpec, lake: store.Lake | None,
              rates: Rates | None = None) -> dict:
     px = run.img_size or resolve_model(run.model).img_size
-    _, tokens, dim, cell = _cost(run.model, px)
+    _, tokens, dim, cell, depth = _cost(run.model, px)
     n = run.n if run.keep_if_outlier else _subset_size(exp.subsets[run.subset])
     processed = n
     if run.keep_if_outlier:
@@ -271,6 +273,8 @@ def estimate(exp: Experiment, run: RunSpec, lake: store.Lake | None,
     disk = n * (stored[run.policy] * row_bytes + tokens * PARQUET_BYTES_PER_TOKEN + 3 * dim * 4)
     if run.record_mlp:
         disk += n * _mlp_bytes(run.model, px, run.mlp_acts)
+    if run.record_mlp or run.blocks == "all":  # a row per (token, block)
+        disk += n * depth * tokens * BLOCKS_BYTES_PER_ROW
     return {"run": run.name(), "px": px, "policy": run.policy, "images": n, "processed": processed,
             "gpu_s": processed / images_per_second(run.model, px, run.policy, rates),
             "disk": disk}
@@ -278,15 +282,14 @@ def estimate(exp: Experiment, run: RunSpec, lake: store.Lake | None,
 
 @functools.cache
 def _mlp_bytes(alias: str, px: int, acts: bool) -> int:
-    """Per image: a --record-mlp run's statistics (and raw activations) plus its blocks table."""
+    """Per image: a --record-mlp run's statistics (and raw activations)."""
     from tokenlake.extract._neuronstats import mlp_specs
 
     model = meta_backbone(resolve_model(alias), px)
     depth, hidden = len(model.blocks), int(model.blocks[0].mlp.fc2.in_features)
-    _, tokens, _, _ = _cost(alias, px)
     gh, gw = model.patch_embed.grid_size
     specs = mlp_specs(depth, hidden, gh * gw, acts=acts)
-    return sum(s.row_bytes for s in specs.values()) + depth * tokens * PARQUET_BYTES_PER_TOKEN
+    return sum(s.row_bytes for s in specs.values())
 
 
 def _keep_share(lake: store.Lake | None, ref: str | None) -> float:
