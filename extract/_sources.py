@@ -4,7 +4,9 @@
 
 1. a directory written by ``Dataset.save_to_disk`` (``state.json`` + ``dataset_info.json``) or
    ``DatasetDict.save_to_disk`` (``dataset_dict.json``): ``datasets.load_from_disk``;
-2. a directory holding image files: ``datasets.load_dataset("imagefolder", ...)``;
+2. a directory holding image files: listed directly by extract/_folder.py, with the files, order
+   and labels ``datasets.load_dataset("imagefolder", ...)`` gives, without importing datasets
+   (folders with metadata files or ``.zip`` archives go to datasets itself);
 3. any other directory (e.g. a cloned hub repo of Parquet files), or a name that is not a local
    path (``ILSVRC/imagenet-1k``): ``datasets.load_dataset(data, split=split)``.
 
@@ -43,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from tokenlake.extract._folder import FolderSource, has_images, list_folder
 
 __all__ = ["Source", "SourceError", "SourceRecord", "open_source"]
 
@@ -157,8 +161,6 @@ def open_source(data: str, *, split: str | None = None, cache_dir: str | None = 
     ``split=None`` takes the only split there is, and errors if there are several.
     ``cache_dir`` is passed to ``datasets.load_dataset`` (its Arrow cache).
     """
-    import datasets  # heavy import, only when a source is opened
-
     spec = str(data)
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -180,6 +182,8 @@ def open_source(data: str, *, split: str | None = None, cache_dir: str | None = 
             "folder, a directory written by save_to_disk, or a hub dataset name such as "
             "'ILSVRC/imagenet-1k'."
         )
+    import datasets  # heavy (with pandas, scipy): only for sources that need it
+
     try:
         loaded = datasets.load_dataset(spec, split=split, cache_dir=cache_dir)
     except Exception as e:
@@ -222,19 +226,8 @@ def _looks_like_local_path(spec: str) -> bool:
     )
 
 
-def _image_extensions() -> set[str]:
-    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
-
-    return {e.lower() for e in ImageFolder.EXTENSIONS}
-
-
 def _has_image_files(path: Path) -> bool:
-    exts = _image_extensions()
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = [d for d in dirnames if not d.startswith((".", "__"))]
-        if any(os.path.splitext(f)[1].lower() in exts for f in filenames if not f.startswith(".")):
-            return True
-    return False
+    return has_images(path)
 
 
 def _load_saved(path: Path, *, spec: str, split: str | None) -> tuple[Any, str | None]:
@@ -275,10 +268,7 @@ def _pick_split(loaded: Any, *, spec: str, split: str | None) -> tuple[Any, str 
 
 def _open_image_folder(
     path: Path, *, spec: str, split: str | None, cache_dir: str | None
-) -> Source:
-    import datasets
-    import pyarrow.compute as pc
-
+) -> Source | FolderSource:
     root = path
     subdirs = sorted(
         d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith((".", "__"))
@@ -297,6 +287,18 @@ def _open_image_folder(
             "(otherwise they would be read as class labels)"
         )
     root = root.resolve()
+    listing = list_folder(root)
+    if listing is not None:  # the same files, order and labels as datasets', without datasets
+        return FolderSource(spec=spec, split=split, listing=listing)
+    return _open_image_folder_with_datasets(root, spec=spec, split=split, cache_dir=cache_dir)
+
+
+def _open_image_folder_with_datasets(root: Path, *, spec: str, split: str | None,
+                                     cache_dir: str | None) -> Source:
+    """A folder with metadata files or archives: datasets' imagefolder reads those formats."""
+    import datasets
+    import pyarrow.compute as pc
+
     split_name = split if split is not None else "train"
     try:
         ds = datasets.load_dataset(

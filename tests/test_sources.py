@@ -282,3 +282,86 @@ def test_draw_subset_labels_null_for_flat_folder(tmp_path, cache):
     images.write_flat_folder(tmp_path / "flat")
     t = draw_subset(open_source(str(tmp_path / "flat"), cache_dir=cache), n=3, seed=1)
     assert t.column("label").null_count == 3 and t.column("label").type == pa.int64()
+
+
+# --- image folders without datasets --------------------------------------------------------
+
+
+def _layouts(tmp_path: Path) -> dict[str, Path]:
+    """Folder layouts whose listing rules differ: classes, flat, mixed depths, one class, hidden
+    and special entries, double extensions, split-like names, a symlinked file."""
+    out = {}
+    root = tmp_path / "classes"
+    images.write_imagefolder(root)
+    out["classes"] = root
+    flat = tmp_path / "flat"
+    images.write_flat_folder(flat)
+    out["flat"] = flat
+    mixed = tmp_path / "mixed"
+    for rel in ("a.png", "cat/b.png", "cat/deep/c.png", "dog/d.PNG", ".hidden/e.png",
+                "__special__/f.png", "cat/.g.png", "cat/h.jpg.gz", "dog/test_1.png",
+                "README.md", "labels.csv"):
+        p = mixed / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+    (mixed / "dog" / "link.png").symlink_to(mixed / "a.png")
+    out["mixed"] = mixed
+    one = tmp_path / "one"
+    for rel in ("only/a.png", "only/b.jpeg"):
+        (one / rel).parent.mkdir(parents=True, exist_ok=True)
+        (one / rel).write_bytes(b"x")
+    out["one"] = one
+    same = tmp_path / "same_depth"
+    for rel in ("x/a/1.png", "x/b/2.png", "y/a/3.png", "y/c/4.JPG", "y/c/5.txt"):
+        (same / rel).parent.mkdir(parents=True, exist_ok=True)
+        (same / rel).write_bytes(b"x")
+    out["same_depth"] = same
+    return out
+
+
+def test_folder_listing_matches_datasets_imagefolder(tmp_path, cache):
+    """extract/_folder.py lists the files, order and labels datasets' imagefolder gives."""
+    from tokenlake.extract._folder import FolderSource
+    from tokenlake.extract._sources import _open_image_folder_with_datasets
+
+    for name, root in _layouts(tmp_path / "layouts").items():
+        ours = open_source(str(root), cache_dir=cache)
+        assert isinstance(ours, FolderSource), name
+        theirs = _open_image_folder_with_datasets(root.resolve(), spec=str(root), split=None,
+                                                  cache_dir=cache)
+        assert ours.num_rows == theirs.num_rows, name
+        assert ours.label_names == theirs.label_names, name
+        a = list(ours.records(range(ours.num_rows)))
+        b = list(theirs.records(range(theirs.num_rows)))
+        assert [(r.source_id, r.label) for r in a] == [(r.source_id, r.label) for r in b], name
+        assert [Path(r.data).resolve() for r in a] == [Path(r.data).resolve() for r in b], name
+
+
+def test_folder_extensions_are_datasets_image_extensions():
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    from tokenlake.extract._folder import IMAGE_EXTENSIONS
+
+    assert IMAGE_EXTENSIONS == {e.lower() for e in ImageFolder.EXTENSIONS}
+
+
+def test_folders_with_metadata_or_archives_go_through_datasets(tmp_path, cache):
+    root = tmp_path / "meta"
+    images.write_flat_folder(root)
+    (root / "metadata.csv").write_text("file_name,caption\n" + "".join(
+        f"{p.name},a photo\n" for p in sorted(root.iterdir()) if p.suffix != ".csv"))
+    src = open_source(str(root), cache_dir=cache)
+    assert isinstance(src, Source) and src.num_rows > 0  # datasets read it (with its metadata)
+
+
+def test_an_image_folder_extraction_never_imports_datasets(tmp_path):
+    import subprocess
+    import sys
+
+    root = tmp_path / "imgs"
+    images.write_flat_folder(root, n=3)
+    code = ("import sys\nfrom tokenlake.extract._sources import open_source\n"
+            f"s = open_source({str(root)!r})\nlist(s.records(range(s.num_rows)))\n"
+            "print('datasets' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
