@@ -7,15 +7,16 @@ STAMP := $(VENV)/.tokenlake-installed
 # import beside torch 2.13); pip finds both on this machine's disk.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint install-check clean
 
 setup: $(STAMP)
 
+# every extra (extract, probes, demo) and the development tools, as an editable install
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[all,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -28,7 +29,12 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py --out bench-out
 
 lint: $(STAMP)
-	$(BIN)/ruff check extract store sql analyze probes cli tests
+	$(BIN)/ruff check extract store sql analyze probes cli experiments tests
+
+# `pip install` (not editable) into fresh virtual environments: the read-only install, then the
+# extras with the demo and a plan, from outside the checkout (.ci/install-check)
+install-check:
+	PYTHON=$(PYTHON) TORCH="$(TORCH)" .ci/install-check
 
 clean:
 	rm -rf demo-out bench-out .pytest_cache

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from tokenlake.analyze import _plot
 from tokenlake.analyze._common import FAMILIES, RunInfo, as_lake, out_dir, resolve_runs, save_table
 
 DESCRIPTION = (
@@ -83,11 +82,17 @@ def card_table(lake: Any, *, runs: list[str] | str | None = None) -> pa.Table:
 
 
 def _with_manifest_columns(t: pa.Table, infos: list[RunInfo]) -> pa.Table:
+    # columns made by polars, not pa.array: pyarrow's first pa.array imports pandas when it is
+    # installed (~0.2 s of `tokenlake cards`, bench/bench_cli.py)
+    import polars as pl
+
     pos = {r: k for k, r in enumerate(t.column("run").to_pylist())}
-    t = t.take(pa.array([pos[i.run] for i in infos], pa.int64()))
+    t = t.take(pl.Series([pos[i.run] for i in infos], dtype=pl.Int64).to_arrow())
     at = t.column_names.index("model") + 1
-    t = t.add_column(at, "family", pa.array([i.family for i in infos], pa.string()))
-    return t.add_column(at + 1, "params", pa.array([i.params for i in infos], pa.int64()))
+    extra = pl.DataFrame({"family": [i.family for i in infos], "params": [i.params for i in infos]},
+                         schema={"family": pl.String, "params": pl.Int64}).to_arrow()
+    t = t.add_column(at, "family", extra.column("family").cast(pa.string()))
+    return t.add_column(at + 1, "params", extra.column("params"))
 
 
 def _num(v: Any, nd: int = 3) -> str:
@@ -183,6 +188,8 @@ def cards(lake: Any, *, runs: list[str] | str | None = None, out: str | Path | N
 
 def _family_style(families: list[str]) -> dict[str, tuple[str, Any]]:
     """family -> (marker, colour): the known families in FAMILIES order, then the others."""
+    from tokenlake.analyze import _plot  # matplotlib, for figures only
+
     order = [f for f in FAMILIES if f in families] + sorted(set(families) - set(FAMILIES))
     cmap = _plot.plt.get_cmap("tab20")
     return {f: (MARKERS[k % len(MARKERS)], cmap((2 * k) % 20 + (k // 10) % 2))
@@ -194,6 +201,8 @@ def draw(t: pa.Table, infos: list[RunInfo], path: Path, *, canonical: set[str] |
     (and colour) per family; hollow = not the model's canonical run (when `canonical` is given);
     random-weight runs ringed and labelled in red. Runs without a parameter count are listed."""
     from matplotlib.lines import Line2D
+
+    from tokenlake.analyze import _plot  # matplotlib, for figures only
 
     rows = t.to_pylist()
     placed = [r for r in rows if r["params"]]

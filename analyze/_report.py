@@ -1,14 +1,29 @@
-"""`tokenlake report`: every figure and table, the paper's tables, verdicts and provenance, in a
-static report.html (figures embedded as base64 PNG) and its report.md twin."""
+"""`tokenlake report`: every figure and table, the paper's tables, verdicts and provenance.
+
+The report is written once, in Markdown (report.md, figures linked as files under OUT/analysis),
+and report.html is that Markdown rendered by Python-Markdown (tables, fenced code, heading ids),
+then dressed by one tree pass (`_dress`): figures embedded as base64 PNG (a self-contained file),
+the sticky RANDOM WEIGHTS banner, a table of contents of the sections, verdict badges, and CSS.
+
+Missing data and bugs are told apart: a part whose computation raises tokenlake's own "cannot
+compute" error (`tokenlake.store.LakeError`: no such run, nothing to compute from, ...) or whose
+job reports what it lacks (no blocks table, no probe results, ...) is listed under "Missing
+pieces"; any other exception is a bug: the rest of the report is still written, the traceback is
+shown under "Errors", and `report()` returns it in `errors` (`tokenlake report` then exits 1).
+"""
 
 from __future__ import annotations
 
 import base64
-import html
 import math
+import re
+import sys
 import traceback
+import xml.etree.ElementTree as etree
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 from tokenlake.analyze._artifacts import artifacts
 from tokenlake.analyze._blocks import blocks
@@ -30,6 +45,7 @@ from tokenlake.analyze._verdicts import (
     probe_use,
     topk_agreement,
 )
+from tokenlake.store import LakeError
 
 DISAGREE = "Claim 1 — where attention and norm disagree"
 REGISTERS = "Registers — none vs trained vs test-time"
@@ -151,87 +167,175 @@ CAPTIONS = {
 }
 
 
+class _Parts:
+    """Runs each part of the report and sorts what goes wrong: missing data or a bug."""
+
+    def __init__(self) -> None:
+        self.missing: list[str] = []
+        self.errors: list[dict[str, str]] = []
+
+    def attempt(self, part: str, fn: Callable[[], Any], default: Any = None) -> Any:
+        try:
+            return fn()
+        except LakeError as err:  # tokenlake's "cannot compute": the data is not there
+            self.missing.append(f"{part}: {type(err).__name__}: {err}")
+            return default
+        except Exception as err:  # noqa: BLE001 — anything else is a bug: shown, never hidden
+            tb = traceback.format_exc()
+            self.errors.append({"part": part, "error": f"{type(err).__name__}: {err}",
+                                "traceback": tb})
+            print(f"tokenlake report: {part} failed with a bug (listed under Errors):\n{tb}",
+                  file=sys.stderr)
+            return default
+
+
 def report(lake: Any, *, out: str | Path | None = None, runs: list[str] | str | None = None,
            percentile: float = 0.98, subset: str = DEFAULT_SUBSET) -> dict[str, Any]:
-    """Run every analysis job into OUT/ and write OUT/report.html (self-contained) and
-    OUT/report.md. Figures show every run (or `runs`); verdicts read one canonical run per model
-    on `subset` (analyze/_roles.py), or exactly `runs` when given. Returns paths, verdicts, each
-    run's role and what is missing."""
+    """Run every analysis job into OUT/ and write OUT/report.md and OUT/report.html (the same
+    document rendered, self-contained). Figures show every run (or `runs`); verdicts read one
+    canonical run per model on `subset` (analyze/_roles.py), or exactly `runs` when given.
+
+    Returns paths, verdicts, each run's role, `missing` (what the lake lacks, one line each) and
+    `errors` (parts that raised anything other than a LakeError: bugs, with their tracebacks;
+    the report is written without them and says so)."""
+    if not 0 < percentile < 1:
+        raise ValueError(f"percentile must be in (0, 1), got {percentile}")
     lk = as_lake(lake)
     explicit = bool([r for r in runs.split(",") if r.strip()] if isinstance(runs, str) else runs)
     infos = resolve_runs(lk, runs)
     out = Path(out) if out is not None else lk.path / "report"
     out.mkdir(parents=True, exist_ok=True)
     figdir = out / "analysis"
-    results, missing = {}, []
+    names = [i.run for i in infos]
+    parts = _Parts()
+    results: dict[str, Any] = {}
     for key, _title, fn in JOBS:
-        try:
-            results[key] = fn(lk, runs=[i.run for i in infos], out=figdir, percentile=percentile)
-        except Exception as err:  # noqa: BLE001 — a job that cannot run is reported as missing, not drawn
-            results[key] = None
-            missing.append(f"{key}: {type(err).__name__}: {err}")
-            traceback.print_exc()
-    try:  # no / trained / test-time registers (analyze/_neurons.py)
+        results[key] = parts.attempt(key, lambda fn=fn: fn(lk, runs=names, out=figdir,
+                                                           percentile=percentile))
+
+    def _registers():  # no / trained / test-time registers (analyze/_neurons.py)
         from tokenlake.analyze._neurons import registers
 
         art = results.get("artifacts")
-        results["registers"] = registers(lk, runs=[i.run for i in infos], out=figdir,
-                                         artifact_rows=art["runs"] if art else {})
-        missing += [f"registers: {m}" for m in results["registers"]["missing"]]
-    except Exception as err:  # noqa: BLE001 — reported as missing, like the jobs
-        results["registers"] = None
-        missing.append(f"registers: {type(err).__name__}: {err}")
-        traceback.print_exc()
+        return registers(lk, runs=names, out=figdir, artifact_rows=art["runs"] if art else {})
+
+    results["registers"] = parts.attempt("registers", _registers)
+    if results["registers"]:
+        parts.missing += [f"registers: {m}" for m in results["registers"]["missing"]]
     imap = {i.run: i for i in infos}
     if results.get("blocks"):
         for run, why in results["blocks"]["missing"].items():
-            missing.append(f"blocks for run {run}: {why}")
+            parts.missing.append(f"blocks for run {run}: {why}")
     roles = select_roles(infos, subset=subset, explicit=explicit)
     canon = [r for r, role in roles.items() if role.canonical]
-    try:  # the outlier cards (analyze/_cards.py): every run, canonical ones filled in the figure
-        results["cards"] = cards(lk, runs=[i.run for i in infos], out=figdir, canonical=set(canon))
-    except Exception as err:  # noqa: BLE001 — reported as missing, like the jobs
-        results["cards"] = None
-        missing.append(f"cards: {type(err).__name__}: {err}")
-        traceback.print_exc()
+    # the outlier cards (analyze/_cards.py): every run, canonical ones filled in the figure
+    results["cards"] = parts.attempt("cards", lambda: cards(lk, runs=names, out=figdir,
+                                                             canonical=set(canon)))
     topk: dict | None = {}
-    if canon:
-        try:
-            topk = topk_agreement(lk, runs=canon, percentile=percentile, out=figdir)
-        except Exception as err:  # noqa: BLE001 — claim 1 then says why it has no data
-            topk = None
-            missing.append(f"claim 1 top-k agreement: {type(err).__name__}: {err}")
-            traceback.print_exc()
-    tables = paper_tables(lk, infos=imap, use=probe_use(roles=roles, infos=imap))
+    if canon:  # None: claim 1 then says why it has no data
+        topk = parts.attempt("claim 1 top-k agreement", lambda: topk_agreement(
+            lk, runs=canon, percentile=percentile, out=figdir))
+    tables = parts.attempt("paper tables", lambda: paper_tables(
+        lk, infos=imap, use=probe_use(roles=roles, infos=imap)), default=[])
     for t in tables:
         if t["missing"]:
-            missing.append(f"{t['title']}: {t['missing']}")
+            parts.missing.append(f"{t['title']}: {t['missing']}")
     note = None if explicit else no_subset_note(infos, subset=subset)
-    claims = judge(results=results, topk=topk, tables=tables, roles=roles, infos=imap,
-                   subset_note=note)
+    claims = parts.attempt("verdicts", lambda: judge(
+        results=results, topk=topk, tables=tables, roles=roles, infos=imap, subset_note=note),
+        default={})
     cmd = (f"tokenlake report --lake {lk.path} --out {out}"
            + (f" --subset {subset}" if subset != DEFAULT_SUBSET else "")
-           + (f" --runs {','.join(i.run for i in infos)}" if explicit else "")
+           + (f" --runs {','.join(names)}" if explicit else "")
            + (f" --percentile {percentile}" if percentile != 0.98 else ""))
-    doc = _Doc(lk, infos, results, tables, claims, missing, out, percentile, command=cmd,
+    doc = _Doc(lk, infos, results, tables, claims, parts, out, percentile, command=cmd,
                roles=_role_rows(infos, roles, tables), selection=_selection_text(subset, explicit))
-    (out / "report.html").write_text(doc.html(), encoding="utf-8")
-    (out / "report.md").write_text(doc.md(), encoding="utf-8")
+    text = doc.markdown()
+    (out / "report.md").write_text(text, encoding="utf-8")
+    (out / "report.html").write_text(render_html(text, base=out), encoding="utf-8")
     return {"html": str(out / "report.html"), "md": str(out / "report.md"),
             "claims": {k: v["verdict"] for k, v in claims.items()}, "verdicts": claims,
-            "roles": {r: role for r, role in roles.items()}, "missing": missing,
-            "results": results, "tables": tables}
+            "roles": {r: role for r, role in roles.items()}, "missing": parts.missing,
+            "errors": parts.errors, "results": results, "tables": tables}
+
+
+# -- Markdown: the one source ---------------------------------------------------------------------
+_CODE_SPAN = re.compile(r"(`[^`\n]+`)")
+_MD_CHARS = re.compile(r"([\\*#])")
+_LINK = re.compile(r"\](?=[(\[:])")  # [text](url), [text][ref], [ref]: url; a lone [x] is text
+_EMPH_UNDERSCORE = re.compile(r"(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])")  # intraword _ is plain text
+_HTML_START = re.compile(r"<(?=[A-Za-z/!?$])")
+_ENTITY = re.compile(r"&(?=#?\w+;)")
+_BLOCK_START = re.compile(r"^(\s*)([>+=-]|\d+[.)])")
+_NUMERIC = re.compile(r"^(—|[−+-]?[\d,]*\.?\d+(e[+-]?\d+)?( ?%)?)( / (—|[−+-]?[\d,]*\.?\d+(e[+-]?\d+)?))*$")
+
+
+def _md(text: Any, *, block: bool = False, cell: bool = False) -> str:
+    """Text (run names, numbers, messages, tokenlake's own sentences) as Markdown that renders as
+    itself; `code spans` are kept as code. One line; block=True also escapes a leading list,
+    quote or heading marker (text that starts a paragraph or list item), cell=True the pipes
+    (text in a table cell)."""
+    parts = _CODE_SPAN.split(" ".join(str(text).split()))
+    for k in range(0, len(parts), 2):
+        p = _LINK.sub(r"\\]", _MD_CHARS.sub(r"\\\1", parts[k]))
+        p = p.replace("|", "\\|") if cell else p
+        p = _EMPH_UNDERSCORE.sub(r"\\_", p)
+        parts[k] = _HTML_START.sub("&lt;", _ENTITY.sub("&amp;", p))
+    s = "".join(parts)
+    return _BLOCK_START.sub(r"\1\\\2", s) if block else s
+
+
+def _code(text: Any) -> str:
+    """`text` as one inline code span."""
+    s = " ".join(str(text).split())
+    fence = "`" * (max((len(m) for m in re.findall(r"`+", s)), default=0) + 1)
+    pad = " " if s.startswith("`") or s.endswith("`") else ""
+    return f"{fence}{pad}{s}{pad}{fence}"
+
+
+def _fence(text: str, info: str = "") -> list[str]:
+    fence = "`" * max(3, max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
+    return [fence + info, *text.rstrip("\n").split("\n"), fence]
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table; a column whose every cell is a number (or n / n / n, or —) is
+    right-aligned, any other left-aligned."""
+    cells = [[_md(c, cell=True) for c in r] for r in rows]
+    align = []
+    for j in range(len(head)):
+        col = [str(r[j]).strip() for r in rows if str(r[j]).strip()]
+        numeric = bool(col) and all(_NUMERIC.match(c) for c in col) and any(c != "—" for c in col)
+        align.append("---:" if numeric else ":---")
+    lines = ["| " + " | ".join(_md(h, cell=True) for h in head) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in cells]
+    return "\n".join(lines)
+
+
+def _link(path: Path, base: Path) -> str:
+    """A figure's Markdown link target: relative to the report's folder where it lies inside."""
+    p = path.relative_to(base) if path.is_relative_to(base) else path
+    return quote(p.as_posix())
+
+
+def _anchor(title: str) -> str:
+    """The id Python-Markdown's toc extension (and GitHub) give the heading `title`."""
+    from markdown.extensions.toc import slugify
+
+    return slugify(title, "-")
 
 
 class _Doc:
-    """Builds the report twice from the same sections: HTML (base64 figures) and Markdown."""
+    """The report as one Markdown document, built from the results."""
 
-    def __init__(self, lk, infos, results, tables, claims, missing, out: Path, percentile, *,
-                 roles: list[list[str]], selection: str, command: str):
+    def __init__(self, lk, infos, results, tables, claims, parts: _Parts, out: Path, percentile,
+                 *, roles: list[list[str]], selection: str, command: str):
         self.lk, self.infos, self.results, self.tables = lk, infos, results, tables
-        self.claims, self.missing, self.out, self.percentile = claims, missing, out, percentile
+        self.claims, self.out, self.percentile = claims, out, percentile
+        self.missing, self.errors = parts.missing, parts.errors
         self.roles, self.selection, self.command = roles, selection, command
         self.random = {i.run for i in infos if i.random_weights}
+        self.n_fig = 0
 
     # -- content ---------------------------------------------------------------------------------
     def _figures(self) -> list[tuple[str, str, str, str]]:
@@ -279,97 +383,6 @@ class _Doc:
         cmds = [r["command"] for r in self.results.values() if r and "command" in r]
         return [*cmds, self.command]
 
-    # -- HTML ------------------------------------------------------------------------------------
-    def html(self) -> str:
-        e = html.escape
-        toc, body = [], []
-
-        def section(anchor: str, title: str, content: str) -> None:
-            toc.append(f'<li><a href="#{anchor}">{e(title)}</a></li>')
-            body.append(f'<section id="{anchor}"><h2>{e(title)}</h2>{content}</section>')
-
-        def table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
-            h = "".join(f"<th>{e(x)}</th>" for x in head)
-            b = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-            return f'<table class="{cls}"><thead><tr>{h}</tr></thead><tbody>{b}</tbody></table>'
-
-        rnd = [i.run for i in self.infos if i.random_weights]
-        banner = (f'<div class="banner">RANDOM WEIGHTS: {e(", ".join(rnd))} — these runs describe '
-                  f'untrained networks; their numbers say nothing about the paper\'s models.</div>'
-                  if rnd else "")
-        # verdicts
-        v = [f'<p class="rule">{e(self.selection)} Every run\'s role: <a href="#roles">{e(ROLES)}</a>.</p>']
-        for claim, c in self.claims.items():
-            cls = {HOLDS: "ok", FAILS: "bad", NODATA: "na", NA: "na", RANDOM: "rnd"}.get(
-                c["verdict"], "mixed")
-            rows = [[k, p["verdict"], p["numbers"]] for k, p in c["runs"].items()]
-            v.append(f'<h3>{e(claim)} <span class="v {cls}">{e(c["verdict"])}</span></h3>'
-                     f'<p class="rule">Rule: {e(c["rule"])}</p>'
-                     + (f'<p class="note">{e(c["note"])}</p>' if c.get("note") else "")
-                     + (table(["run / family", "verdict", "numbers"], rows, "text") if rows else ""))
-        section("verdicts", "Verdicts on the paper's claims", "".join(v))
-        section("roles", ROLES, f'<p class="rule">{e(self.selection)}</p>'
-                + table(["run", "model", "weights", "role in the verdicts"], self.roles, "text"))
-        crd = self.results.get("cards")
-        if crd:
-            head, rows = per_run(crd["cards"])
-            data = base64.b64encode(Path(crd["figure"]).read_bytes()).decode()
-            section("cards", CARDS, f'<p class="rule">{e(CARDS_INTRO)}</p>'
-                    + f'<div class="wide">{table(head, rows, "text")}</div>'
-                    + f'<figure><img src="data:image/png;base64,{data}" alt="{e(CARDS)}">'
-                    f'<figcaption>{e(CARDS_CAPTION)} Data: <code>cards.parquet</code>, '
-                    f'<code>cards.csv</code> in <code>{e(str(Path(crd["figure"]).parent))}</code>.'
-                    '</figcaption></figure>')
-        for k, (key, title, path, cap) in enumerate(self._figures()):
-            data = base64.b64encode(Path(path).read_bytes()).decode()
-            r = self.results[key]
-            tbl = r.get("table")
-            links = f' Data: <code>{e(Path(tbl["parquet"]).name)}</code>, <code>{e(Path(tbl["csv"]).name)}</code> in <code>{e(str(Path(tbl["csv"]).parent))}</code>.' if tbl else ""
-            section(f"fig{k}", title,
-                    f'<figure><img src="data:image/png;base64,{data}" alt="{e(title)}">'
-                    f'<figcaption><b>Figure {k + 1}.</b> {e(cap)}{links}</figcaption></figure>'
-                    + (self._job_table_html(key, table) if title != DISAGREE else ""))
-        for t in self.tables:
-            if t["rows"]:
-                head, *rows = self._paper_rows(t)
-                content = table(head, rows)
-            else:
-                content = f'<p class="missing">{e(t["missing"])}</p>'
-            section(t["key"], t["title"], content)
-        reg = self.results.get("registers")
-        if reg and (reg["rows"] or reg["missing"]):
-            content = ""
-            if reg["figure"]:
-                data = base64.b64encode(Path(reg["figure"]).read_bytes()).decode()
-                content += (f'<figure><img src="data:image/png;base64,{data}" alt="{e(REGISTERS)}">'
-                            f'<figcaption>{e(REG_CAPTION)}</figcaption></figure>')
-            for g in dict.fromkeys(r["group"] for r in reg["rows"]):
-                content += f"<h3>{e(g)}</h3>" + table(REG_COLS, [
-                    [_fmt(r[c]) for c in REG_COLS] for r in reg["rows"] if r["group"] == g])
-            if reg["missing"]:
-                content += '<p class="missing">Missing runs:</p><ul>' + "".join(
-                    f"<li>{e(m)}</li>" for m in reg["missing"]) + "</ul>"
-            section("registers", REGISTERS, content)
-        section("provenance", "Provenance",
-                table(["run", "model", "timm name", "weights", "params", "px", "subset", "policy",
-                       "images", "tokens", "versions"], self._provenance())
-                + "<h3>Commands that rebuild each part</h3><pre>"
-                + e("\n".join(self._commands())) + "</pre>"
-                + f"<p>Outlier threshold: the {self.percentile * 100:g}th percentile of the patch-token "
-                  "norms of each run's threshold run (manifest <code>outlier_ref</code>, else the run).</p>")
-        section("missing", "Missing pieces",
-                "<ul>" + "".join(f"<li>{e(m)}</li>" for m in self.missing) + "</ul>"
-                if self.missing else "<p>Nothing missing.</p>")
-        return (f"<!doctype html><html><head><meta charset='utf-8'><title>tokenlake report</title>"
-                f"<style>{CSS}</style></head><body>{banner}<h1>tokenlake report</h1>"
-                f"<p class='sub'>Lake <code>{e(str(self.lk.path))}</code> · {len(self.infos)} runs · "
-                f"reproducing <i>Do All Vision Transformers Need Registers?</i></p>"
-                f"<nav><h2>Contents</h2><ol>{''.join(toc)}</ol></nav>{''.join(body)}</body></html>")
-
-    def _job_table_html(self, key: str, table) -> str:
-        rows = self._job_rows(key)
-        return table(rows[0], rows[1:]) if rows else ""
-
     def _job_rows(self, key: str) -> list[list[str]] | None:
         r = self.results.get(key)
         if not r:
@@ -390,69 +403,181 @@ class _Doc:
             return [["run", *cols]] + [[s["run"], *(_fmt(s[c]) for c in cols)] for s in r["rows"]]
         return None
 
-    # -- Markdown --------------------------------------------------------------------------------
-    def md(self) -> str:
-        def table(rows: list[list[str]]) -> str:
-            esc = lambda x: str(x).replace("|", "\\|")
-            lines = ["| " + " | ".join(map(esc, rows[0])) + " |",
-                     "|" + "---|" * len(rows[0])]
-            lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows[1:]]
-            return "\n".join(lines)
+    def _figure(self, title: str, path: str | Path, caption: str, data: dict | None = None
+                ) -> list[str]:
+        """An image and its caption paragraph (*Figure n.* ...), which the HTML turns into a
+        <figure> with a <figcaption>; `data`: the table files beside it."""
+        self.n_fig += 1
+        links = ""
+        if data:
+            links = (f" Data: {_code(Path(data['parquet']).name)}, {_code(Path(data['csv']).name)}"
+                     f" in {_code(Path(data['csv']).parent)}.")
+        return [f"![{_md(title)}]({_link(Path(path), self.out)})", "",
+                f"*Figure {self.n_fig}.* {_md(caption)}{links}", ""]
 
-        L = ["# tokenlake report", ""]
+    # -- the document ----------------------------------------------------------------------------
+    def markdown(self) -> str:
+        L: list[str] = []
         rnd = [i.run for i in self.infos if i.random_weights]
-        if rnd:
-            L += [(f"> **RANDOM WEIGHTS: {', '.join(rnd)}** — these runs describe untrained "
-                  "networks; their numbers say nothing about the paper's models."), ""]
-        L += [f"Lake `{self.lk.path}` · {len(self.infos)} runs", "", "## Verdicts on the paper's claims", "",
-              self.selection + f" Every run's role: {ROLES}, below.", ""]
+        if rnd:  # first, so that the HTML's banner stays on top of the page
+            L += [(f"> **RANDOM WEIGHTS: {_md(', '.join(rnd))}** — these runs describe "
+                   "untrained networks; their numbers say nothing about the paper's models."), ""]
+        L += ["# tokenlake report", "",
+              (f"Lake {_code(self.lk.path)} · {len(self.infos)} runs · reproducing *Do All "
+               "Vision Transformers Need Registers?*"), ""]
+        if self.errors:
+            L += ["## Errors", "",
+                  (f"{len(self.errors)} part(s) of the report failed with an unexpected "
+                   "exception: a bug in tokenlake, not missing data. Everything else below "
+                   "stands; what depends on these parts is marked as having no data. `tokenlake "
+                   "report` exits with status 1. The tracebacks:"), ""]
+            for e in self.errors:
+                L += [f"### {_md(e['part'])}: {_md(e['error'])}", "", *_fence(e["traceback"], "text"),
+                      ""]
+        L += ["## Verdicts on the paper's claims", "",
+              f"{_md(self.selection)} Every run's role: [{ROLES}](#{_anchor(ROLES)}).", ""]
         for claim, c in self.claims.items():
-            L += [f"### {claim}: **{c['verdict']}**", "", f"Rule: {c['rule']}", ""]
+            L += [f"### {_md(claim)}: **{_md(c['verdict'])}**", "", f"Rule: {_md(c['rule'])}", ""]
             if c.get("note"):
-                L += [c["note"], ""]
+                L += [f"Note: {_md(c['note'])}", ""]
             if c["runs"]:
-                L += [table([["run / family", "verdict", "numbers"]] +
-                            [[k, p["verdict"], p["numbers"]] for k, p in c["runs"].items()]), ""]
-        L += [f"## {ROLES}", "", self.selection, "",
-              table([["run", "model", "weights", "role in the verdicts"], *self.roles]), ""]
+                L += [_table(["run / family", "verdict", "numbers"],
+                             [[k, p["verdict"], p["numbers"]] for k, p in c["runs"].items()]), ""]
+        if not self.claims:
+            L += ["No verdict: the verdicts failed (Errors, above).", ""]
+        L += [f"## {ROLES}", "", _md(self.selection, block=True), "",
+              _table(["run", "model", "weights", "role in the verdicts"], self.roles), ""]
         crd = self.results.get("cards")
         if crd:
             head, rows = per_run(crd["cards"])
-            fig = Path(crd["figure"])
-            rel = fig.relative_to(self.out) if fig.is_relative_to(self.out) else fig
-            L += [f"## {CARDS}", "", CARDS_INTRO, "", table([head, *rows]), "",
-                  f"![{CARDS}]({rel.as_posix()})", "", CARDS_CAPTION, ""]
-        for k, (key, title, path, cap) in enumerate(self._figures()):
-            rel = Path(path).relative_to(self.out) if Path(path).is_relative_to(self.out) else Path(path)
-            L += [f"## {title}", "", f"![{title}]({rel.as_posix()})", "", f"*Figure {k + 1}.* {cap}", ""]
+            L += [f"## {CARDS}", "", _md(CARDS_INTRO, block=True), "", _table(head, rows), "",
+                  *self._figure(CARDS, crd["figure"], CARDS_CAPTION, data={
+                      "parquet": Path(crd["figure"]).with_name("cards.parquet"),
+                      "csv": Path(crd["figure"]).with_name("cards.csv")})]
+        for key, title, path, cap in self._figures():
+            r = self.results[key]
+            L += [f"## {_md(title)}", "",
+                  *self._figure(title, path, cap, data=r.get("table") if title != DISAGREE else None)]
             rows = self._job_rows(key)
             if rows and title != DISAGREE:
-                L += [table(rows), ""]
+                L += [_table(rows[0], rows[1:]), ""]
         for t in self.tables:
-            L += [f"## {t['title']}", ""]
+            L += [f"## {_md(t['title'])}", ""]
             if t["rows"]:
-                L += [table(self._paper_rows(t)), ""]
+                head, *rows = self._paper_rows(t)
+                L += [_table(head, rows), ""]
             else:
-                L += [t["missing"], ""]
+                L += [_md(t["missing"], block=True), ""]
         reg = self.results.get("registers")
         if reg and (reg["rows"] or reg["missing"]):
             L += [f"## {REGISTERS}", ""]
             if reg["figure"]:
-                fig = Path(reg["figure"])
-                rel = fig.relative_to(self.out) if fig.is_relative_to(self.out) else fig
-                L += [f"![{REGISTERS}]({rel.as_posix()})", "", REG_CAPTION, ""]
+                L += self._figure(REGISTERS, reg["figure"], REG_CAPTION, data=reg.get("table"))
             for g in dict.fromkeys(r["group"] for r in reg["rows"]):
-                L += [f"### {g}", "", table([REG_COLS] + [[_fmt(r[c]) for c in REG_COLS]
-                                                          for r in reg["rows"] if r["group"] == g]), ""]
+                L += [f"### {_md(g)}", "", _table(REG_COLS, [[_fmt(r[c]) for c in REG_COLS]
+                                                            for r in reg["rows"] if r["group"] == g]), ""]
             if reg["missing"]:
-                L += ["Missing runs:", ""] + [f"- {m}" for m in reg["missing"]] + [""]
-        L += ["## Provenance", "", table([["run", "model", "timm name", "weights", "params", "px",
-                                           "subset", "policy", "images", "tokens", "versions"]]
-                                         + self._provenance()), "",
-              "Commands that rebuild each part:", "", "```", *self._commands(), "```", "",
+                L += ["Missing runs:", ""] + [f"- {_md(m)}" for m in reg["missing"]] + [""]
+        L += ["## Provenance", "",
+              _table(["run", "model", "timm name", "weights", "params", "px", "subset", "policy",
+                      "images", "tokens", "versions"], self._provenance()), "",
+              "Commands that rebuild each part:", "", *_fence("\n".join(self._commands())), "",
+              (f"Outlier threshold: the {self.percentile * 100:g}th percentile of the "
+               "patch-token norms of each run's threshold run (manifest `outlier_ref`, else the "
+               "run)."), "",
               "## Missing pieces", ""]
-        L += [f"- {m}" for m in self.missing] or ["Nothing missing."]
+        L += [f"- {_md(m)}" for m in self.missing] or ["Nothing missing."]
         return "\n".join(L) + "\n"
+
+
+# -- HTML: the Markdown rendered --------------------------------------------------------------------
+BADGES = {HOLDS: "ok", FAILS: "bad", NODATA: "na", NA: "na", RANDOM: "rnd"}
+# paragraphs styled by how they start (the Markdown says "Rule: ..." in words)
+PARAGRAPH_CLASSES = (("Rule:", "rule"), ("Note:", "note"), ("missing:", "missing"),
+                     ("Missing runs:", "missing"))
+
+
+def render_html(text: str, *, base: Path) -> str:
+    """The report's Markdown as one self-contained HTML page: Python-Markdown (tables, fenced
+    code, the toc extension's heading ids), then `_dress`. Figures are read from `base` (the
+    folder of report.md, which links them)."""
+    import markdown
+    from markdown.extensions import Extension
+    from markdown.extensions.toc import TocExtension
+    from markdown.treeprocessors import Treeprocessor
+
+    class Dress(Treeprocessor):
+        def run(self, root: etree.Element) -> None:
+            _dress(root, base)
+
+    class DressExtension(Extension):
+        def extendMarkdown(self, md):
+            md.treeprocessors.register(Dress(md), "tokenlake-dress", 4)  # after toc's ids (5)
+
+    body = markdown.markdown(text, output_format="html",
+                             extensions=["tables", "fenced_code", TocExtension(), DressExtension()])
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>tokenlake report</title>"
+            f"<style>{CSS}</style></head><body>{body}</body></html>")
+
+
+def _dress(root: etree.Element, base: Path) -> None:
+    """The rendered Markdown's tree, made the report page: every image embedded as base64; the
+    quote that starts with RANDOM WEIGHTS a sticky banner; the line under the title its subtitle;
+    a verdict in bold at the end of a heading a badge; the Errors section red; an image paragraph and its caption
+    paragraph (*Figure n.* ...) a <figure>; Rule:/Note:/missing paragraphs styled; tables in a
+    scrolling box; a table of contents of the sections before the first."""
+    for img in root.iter("img"):
+        src = unquote(img.get("src", ""))
+        path = Path(src) if Path(src).is_absolute() else base / src
+        if not path.is_file():
+            raise FileNotFoundError(f"report: figure {src!r} not found at {path}")
+        img.set("src", "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode())
+    kids = list(root)
+    section = None
+    for k, el in enumerate(kids):
+        section = el.get("id") if el.tag == "h2" else section
+        if el.tag == "h3" and section == "errors":
+            el.set("class", "error")
+        text = (el.text or "").lstrip()
+        first = el[0] if len(el) else None
+        nxt = kids[k + 1] if k + 1 < len(kids) else None
+        if (el.tag == "blockquote" and first is not None and len(first)
+                and first[0].tag == "strong" and (first[0].text or "").startswith("RANDOM WEIGHTS")):
+            el.tag, el.attrib = "div", {"class": "banner"}
+        elif el.tag == "h1" and nxt is not None and nxt.tag == "p":
+            nxt.set("class", "sub")
+        elif el.tag in ("h2", "h3") and len(el) and el[-1].tag == "strong" and not (
+                el[-1].tail or "").strip():
+            v = el[-1].text or ""
+            cls = BADGES.get(v, "mixed" if v.startswith("mixed") else None)
+            if cls:
+                el[-1].tag, el[-1].attrib = "span", {"class": f"v {cls}"}
+        elif (el.tag == "p" and not text and len(el) == 1 and first.tag == "img"
+              and not (first.tail or "").strip()):
+            el.tag = "figure"
+            if (nxt is not None and nxt.tag == "p" and not (nxt.text or "").strip() and len(nxt)
+                    and nxt[0].tag == "em" and (nxt[0].text or "").startswith("Figure")):
+                nxt.tag = "figcaption"
+                root.remove(nxt)
+                el.append(nxt)
+        elif el.tag == "p":
+            for prefix, cls in PARAGRAPH_CLASSES:
+                if text.startswith(prefix):
+                    el.set("class", cls)
+        elif el.tag == "table":
+            wrap = etree.Element("div", {"class": "wide"})
+            root.insert(list(root).index(el), wrap)
+            root.remove(el)
+            wrap.append(el)
+    sections = [el for el in root if el.tag == "h2"]
+    if sections:
+        nav = etree.Element("nav")
+        etree.SubElement(nav, "p", {"class": "toc"}).text = "Contents"
+        ol = etree.SubElement(nav, "ol")
+        for h in sections:
+            a = etree.SubElement(etree.SubElement(ol, "li"), "a", {"href": f"#{h.get('id')}"})
+            a.text = "".join(h.itertext())
+        root.insert(list(root).index(sections[0]), nav)
 
 
 CSS = """
@@ -461,14 +586,14 @@ padding:0 24px 60px;color:#222}
 h1{margin-top:28px}h2{border-bottom:2px solid #eee;padding-bottom:4px;margin-top:40px}
 .sub{color:#666}.banner{background:#d62728;color:#fff;font-weight:bold;padding:12px 18px;
 font-size:18px;position:sticky;top:0;z-index:9;border-radius:0 0 6px 6px}
+.banner p{margin:0}
 nav{background:#f7f7f9;border:1px solid #e3e3e8;border-radius:6px;padding:4px 18px}
-nav h2{border:0;margin:10px 0 0;font-size:16px}
+nav .toc{font-weight:bold;font-size:16px;margin:10px 0 0}
 figure{margin:12px 0}figure img{max-width:100%;border:1px solid #ddd;border-radius:4px}
 figcaption{color:#555;font-size:13px;margin-top:4px}
 table{border-collapse:collapse;margin:10px 0;font-size:13px}
-th,td{border:1px solid #ddd;padding:4px 8px;text-align:right}
-table.text td,table.text th{text-align:left}
-th{background:#f3f3f6}td:first-child,th:first-child{text-align:left}
+th,td{border:1px solid #ddd;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f3f3f6}
 tbody tr:nth-child(even){background:#fafafa}
 .v{font-size:13px;padding:2px 8px;border-radius:10px;margin-left:8px;vertical-align:middle}
 .v.ok{background:#d9f2dc;color:#17612a}.v.bad{background:#fadbd8;color:#8a1c12}
@@ -477,5 +602,7 @@ tbody tr:nth-child(even){background:#fafafa}
 .rule{color:#555;font-size:13px;margin:0}.missing{color:#8a1c12;font-weight:bold}
 .note{color:#7a5a00;font-size:13px}
 .wide{overflow-x:auto}
+#errors,h3.error{color:#8a1c12}
 pre{background:#f6f8fa;padding:10px;border-radius:4px;overflow-x:auto;font-size:12px}
+code{background:#f3f3f6;border-radius:3px;padding:0 3px;font-size:90%}pre code{background:none;padding:0}
 """

@@ -125,7 +125,7 @@ def claim1(*, runs: list[str], infos: dict[str, RunInfo], topk: dict | None, nor
         if infos[run].random_weights:
             v = RANDOM
         elif topk is None or norms is None:
-            v, parts = NODATA, parts + ["the norms job or the top-k query failed (Missing pieces)"]
+            v, parts = NODATA, parts + ["the norms job or the top-k query failed (see Errors or Missing pieces)"]
         elif bc is None or sep is None:
             v = NODATA
         elif bc <= BIMODAL_BC and sep < SEPARATED_SHARE:
@@ -151,7 +151,7 @@ CLAIM2_RULE = (
 
 def claim2(*, runs: list[str], infos: dict[str, RunInfo], size_rows: list[dict] | None) -> dict:
     if size_rows is None:
-        return _claim(CLAIM2_RULE, {}, "the size job failed (Missing pieces)")
+        return _claim(CLAIM2_RULE, {}, "the size job failed (see Errors or Missing pieces)")
     rows = [r for r in size_rows if r["run"] in runs]
     groups: dict[tuple, list] = {}
     per, no_params = {}, []
@@ -194,7 +194,7 @@ CLAIM3_RULE = (f"holds for a run if P(low-info|outlier)/P(low-info|normal) > {CL
 
 def claim3(*, runs: list[str], infos: dict[str, RunInfo], neighbours: dict | None) -> dict:
     if neighbours is None:
-        return _claim(CLAIM3_RULE, {}, "the neighbours job failed (Missing pieces)")
+        return _claim(CLAIM3_RULE, {}, "the neighbours job failed (see Errors or Missing pieces)")
     per = {}
     for run in runs:
         r = neighbours.get(run)

@@ -15,13 +15,13 @@ N_IMAGES, GRID, N_REG, STORED_IMAGES = 5000, 37, 4, 8
 
 
 def _lake(root: Path, n_images: int) -> Path:
-    from tokenlake.analyze.testing import planted_run
     from tokenlake.store import open_lake, write_run
+    from tokenlake.store.testing import synthetic_run
 
     if (root / "runs" / "big" / "manifest.json").exists():
         return root
-    r = planted_run(n_images=n_images, grid=GRID, n_reg=N_REG, patch=14, dim=16, store="none",
-                    model="dinov2_g", params=1_100_000_000, blocks=0)
+    r = synthetic_run(n_images=n_images, grid=GRID, n_reg=N_REG, patch=14, dim=16, store="none",
+                      model="dinov2_g", params=1_100_000_000, blocks=0)
     t = r["tokens"]
     n_tok = 1 + N_REG + GRID * GRID
     k = STORED_IMAGES * n_tok

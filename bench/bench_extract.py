@@ -8,6 +8,7 @@ attention, neighbour cosines, pixels, and writing the shard files.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -27,12 +28,13 @@ from tokenlake.extract._decode import decode_image
 from tokenlake.extract._preprocess import Resizer, data_config, normalise
 from tokenlake.store import write_subset
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+# real photographs when $TOKENLAKE_IMAGENET_SAMPLE names a folder of them (tests/conftest.py)
+SAMPLE = Path(os.environ.get("TOKENLAKE_IMAGENET_SAMPLE") or "/nonexistent-imagenet-sample")
 MODELS = (("pvt_b2", 224), ("deit3_m", 224))
 
 
 def _images(out: Path, n: int) -> Path:
-    """Real photographs when the shared sample is here; otherwise generated JPEGs of similar size."""
+    """Real photographs when the sample is given; otherwise generated JPEGs of similar size."""
     folder = out / "images"
     folder.mkdir(parents=True, exist_ok=True)
     if SAMPLE.is_dir():

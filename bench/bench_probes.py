@@ -1,6 +1,6 @@
 """Time the probe suite (tokenlake.probes) on a demo-sized planted lake, on CPU.
 
-The lake is synthetic (written through tokenlake.store.write_run, see probes/_synthetic.py) and has
+The lake is synthetic (written through tokenlake.store.write_run, see tokenlake.store.testing.probe_run) and has
 the shape of a small ViT run: 14 x 14 patches of 16 px, 1 cls + 4 registers, D = 64 + 768.
 Each probe is timed on its first run (training) and on a rerun (reuse of the committed result).
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from tokenlake import probes
-from tokenlake.probes._synthetic import planted_run
+from tokenlake.store.testing import probe_run
 
 
 def run(*, out: Path, quick: bool) -> list[dict]:
@@ -24,8 +24,8 @@ def run(*, out: Path, quick: bool) -> list[dict]:
     lake.mkdir(parents=True)
     n_images = 32 if quick else 64  # `tokenlake demo` uses 64 images
     t0 = time.time()
-    planted_run(lake, "demo", n_images=n_images, grid=14, patch=16, pos_dim=64, n_reg=4,
-                n_classes=10, p_outlier=0.8, seed=0)
+    probe_run(n_images=n_images, grid=14, patch=16, pos_dim=64, n_reg=4, n_classes=10,
+              seed=0).write(lake, "demo")
     rows = [{"name": f"write planted lake ({n_images} images, 14x14, D=832)",
              "value": time.time() - t0, "unit": "s", "target": "-", "ok": None}]
     target = 90.0 if quick else 180.0

@@ -1,6 +1,7 @@
 """`tokenlake analyze NAME` and `tokenlake report`: the analysis jobs on an existing lake.
 
-The lead wires `register(subparsers)` into cli/main.py. Handlers return an int exit code.
+cli/main.py wires `register(subparsers)`. Handlers return an int exit code. Both read the lake
+only (a read-only install runs them: no backbone library is imported).
 """
 
 from __future__ import annotations
@@ -9,14 +10,15 @@ import argparse
 import sys
 from pathlib import Path
 
-JOB_NAMES = ("maps", "norms", "size", "neighbours", "artifacts", "blocks")
+from tokenlake.analyze import JOB_NAMES  # the package's __init__ only: nothing heavy
+from tokenlake.cli._options import add_lake
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("analyze", help="figures and tables for the paper's claims, from the lake")
     p.add_argument("name", choices=[*JOB_NAMES, "all"], metavar="NAME",
                    help="maps | norms | size | neighbours | artifacts | blocks | all")
-    p.add_argument("--lake", required=True, type=Path, help="the lake's root directory")
+    add_lake(p)
     p.add_argument("--runs", default=None, help="comma list of runs (default: all complete runs)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: LAKE/analysis)")
     p.add_argument("--percentile", type=float, default=0.98,
@@ -26,7 +28,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=analyze_cmd)
 
     p = subparsers.add_parser("report", help="static HTML + Markdown report of every figure, table and verdict")
-    p.add_argument("--lake", required=True, type=Path, help="the lake's root directory")
+    add_lake(p)
     p.add_argument("--out", type=Path, default=None, help="output folder (default: LAKE/report)")
     p.add_argument("--runs", default=None,
                    help="comma list of runs, used as given in the verdicts (default: every complete "
@@ -34,7 +36,8 @@ def register(subparsers) -> None:
     p.add_argument("--subset", default="val5k",
                    help="the canonical subset whose runs the verdicts read (default val5k, the "
                         "paper's 5,000 validation images)")
-    p.add_argument("--percentile", type=float, default=0.98)
+    p.add_argument("--percentile", type=float, default=0.98,
+                   help="outlier threshold quantile of patch norms (default 0.98 = top 2%%)")
     p.set_defaults(func=report_cmd)
 
 
@@ -93,4 +96,7 @@ def report_cmd(args: argparse.Namespace) -> int:
         print(f"  {claim}: {verdict}")
     for m in res["missing"]:
         print(f"  missing: {m}")
-    return 0
+    for e in res["errors"]:  # a bug, not missing data: the report says so, the exit status too
+        print(f"tokenlake report: error: {e['part']} failed: {e['error']} (a bug; traceback "
+              f"under Errors in the report)", file=sys.stderr)
+    return 1 if res["errors"] else 0

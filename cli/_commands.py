@@ -1,4 +1,10 @@
-"""Sub-command bodies: argument handling and printing only; the work lives in the packages."""
+"""Sub-command bodies: argument handling and printing only; the work lives in the packages, called
+through their public API (tokenlake.extract, .store, .sql, .analyze).
+
+Every import beyond the standard library happens inside the command that needs it: `sql`,
+`runs`, `validate` and `cards` load DuckDB, pyarrow (and polars to print) but never a backbone
+library, and `--help` loads none of them.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +13,8 @@ import re
 import sys
 from pathlib import Path
 
-import polars as pl
-
-from tokenlake import store
-from tokenlake.extract import (
-    ExtractRequest,
-    ModelRequestError,
-    SourceError,
-    draw_subset,
-    open_source,
-)
-from tokenlake.extract import extract as run_extraction
-from tokenlake.sql import query_text, view_names
-
-USER_ERRORS = (store.LakeError, ModelRequestError, SourceError, ValueError, FileNotFoundError)
+from tokenlake.cli._errors import CommandError, os_error_line
+from tokenlake.cli._options import comma_list
 
 
 def _say(args, text: str) -> None:
@@ -28,7 +22,73 @@ def _say(args, text: str) -> None:
         print(text, file=sys.stderr)
 
 
+def _need_lake(args: argparse.Namespace) -> Path:
+    if args.lake is None:
+        raise CommandError("--lake DIR is required (or set TOKENLAKE_LAKE)")
+    return args.lake
+
+
+# -- writing results -------------------------------------------------------------------------
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a command's output file; a failure (permission, full disk, long name) names the file
+    and becomes one line."""
+    try:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text if text.endswith("\n") else text + "\n")
+    except OSError as err:
+        raise CommandError(f"cannot write {os_error_line(err, path)}") from None
+
+
+def write_parquet(path: Path, table) -> None:
+    """Parquet through a handle this process opened: on an error pyarrow would delete a path it
+    opened itself, whatever it is (a device file, for root)."""
+    import pyarrow.parquet as pq
+
+    try:
+        with open(path, "wb") as handle:
+            pq.write_table(table, handle)
+    except OSError as err:
+        raise CommandError(f"cannot write {os_error_line(err, path)}") from None
+
+
+def emit(table, *, fmt: str, output: Path | None, text_table) -> None:
+    """`table` (pyarrow) in `fmt`; to `output` when given (every format), else stdout.
+    `text_table()` renders --format table."""
+    if fmt == "parquet":
+        if output is None:
+            raise CommandError("--format parquet needs --output FILE")
+        write_parquet(output, table)
+        return
+    if fmt == "table":
+        text = text_table()
+    else:
+        from tokenlake.store import export_table
+
+        text = export_table(table, None, format=fmt)
+    if output is None:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    else:
+        write_text(output, text)
+
+
+def table_text(table, *, max_rows: int) -> str:
+    import polars as pl
+
+    frame = pl.from_arrow(table)
+    with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=160,
+                   tbl_hide_dataframe_shape=False):
+        return str(frame)
+
+
+# -- extraction ------------------------------------------------------------------------------
+
+
 def subset(args: argparse.Namespace) -> int:
+    from tokenlake import store
+    from tokenlake.extract import draw_subset, open_source
+
     source = open_source(args.data, split=args.split)
     table = draw_subset(source, n=args.n, seed=args.seed, limit=args.limit)
     path = store.write_subset(args.lake, args.name, table)
@@ -43,6 +103,9 @@ def _slug(text: str) -> str:
 
 def _adhoc_subset(args: argparse.Namespace) -> str:
     """--data without --subset: a throwaway subset of the first N images, kept for provenance."""
+    from tokenlake import store
+    from tokenlake.extract import draw_subset, open_source
+
     source = open_source(args.data, split=args.split)
     table = draw_subset(source, n=None, limit=args.limit)
     name = f"{_slug(args.data)}-{'first' + str(args.limit) if args.limit else 'all'}"
@@ -51,17 +114,20 @@ def _adhoc_subset(args: argparse.Namespace) -> str:
 
 
 def _slurm_options(args: argparse.Namespace) -> dict:
+    """ExtractRequest.slurm from the --slurm-* flags given (the others keep their defaults)."""
     opts = {"partition": args.slurm_partition, "gpus": args.slurm_gpus, "cpus": args.slurm_cpus,
-            "time_min": args.slurm_time}
-    if args.slurm_array_parallelism:
-        opts["array_parallelism"] = args.slurm_array_parallelism
-    return opts
+            "time": args.slurm_time, "array_parallelism": args.slurm_array_parallelism}
+    return {k: v for k, v in opts.items() if v is not None}
 
 
 def extract(args: argparse.Namespace) -> int:
-    subset_name = args.subset or _adhoc_subset(args)
+    from tokenlake.extract import ExtractRequest
+    from tokenlake.extract import extract as run_extraction
+
     if args.subset and args.limit:
-        raise ValueError("--limit goes with --data; make a smaller subset with `tokenlake subset`")
+        raise CommandError("--limit goes with --data; make a smaller subset with "
+                           "`tokenlake subset`")
+    subset_name = args.subset or _adhoc_subset(args)
     request = ExtractRequest(
         lake=str(args.lake), model=args.model, subset=subset_name, policy=args.policy,
         weights=args.weights, img_size=args.img_size, run=args.run, outlier_ref=args.outlier_ref,
@@ -72,31 +138,26 @@ def extract(args: argparse.Namespace) -> int:
         record_mlp=args.record_mlp, mlp_acts=args.mlp_acts,
         test_time_registers=args.test_time_registers,
         decoder=args.decoder, preprocess=args.preprocess, precision=args.precision,
+        allow_version_change=args.allow_version_change,
     )
     manifest = run_extraction(request, log=lambda text: _say(args, text))
-    totals = manifest
     banner = " [RANDOM WEIGHTS]" if manifest["random_weights"] else ""
-    print(f"run {manifest['run']}{banner}: {totals.get('n_images', '?')} images, "
-          f"{totals.get('n_errors', 0)} errors, {totals.get('n_rejected', 0)} rejected, "
-          f"{totals.get('n_tokens', '?')} tokens in {manifest['wall_time_s']:.1f} s")
+    print(f"run {manifest['run']}{banner}: {manifest.get('n_images', '?')} images, "
+          f"{manifest.get('n_errors', 0)} errors, {manifest.get('n_rejected', 0)} rejected, "
+          f"{manifest.get('n_tokens', '?')} tokens in {manifest['wall_time_s']:.1f} s")
     return 0
 
 
 def pixels(args: argparse.Namespace) -> int:
-    from tokenlake.extract import resolve_model
-    from tokenlake.extract._models import meta_backbone
-    from tokenlake.extract._pixelstore import build_pixel_store
-    from tokenlake.extract._preprocess import data_config
+    from tokenlake.extract import build_pixels
 
     if args.device and args.decoder == "pil":
-        raise ValueError("--device goes with --decoder torchvision (PIL decodes on the CPU cores)")
-    spec = resolve_model(args.model)
-    px = args.img_size or spec.img_size
-    model = meta_backbone(spec, px)  # only the model's preprocessing recipe is needed
-    cfg = data_config(model, img_size=px, preprocess=args.preprocess)
-    built = build_pixel_store(str(args.lake), args.subset, cfg,
-                              shard_size=args.shard_size, workers=args.workers, quiet=args.quiet,
-                              decoder=args.decoder, device=args.device)
+        raise CommandError("--device goes with --decoder torchvision (PIL decodes on the CPU "
+                           "cores)")
+    built = build_pixels(str(args.lake), args.subset, args.model, img_size=args.img_size,
+                         preprocess=args.preprocess, decoder=args.decoder, device=args.device,
+                         decode_workers=args.decode_workers, shard_size=args.shard_size,
+                         quiet=args.quiet)
     also = "" if args.decoder == "pil" else f" with --decoder {args.decoder}"
     print(f"pixel store {built.name}: complete ({built.dir}); every extraction of subset "
           f"{args.subset} with this recipe{also} now reads it")
@@ -104,7 +165,7 @@ def pixels(args: argparse.Namespace) -> int:
 
 
 def neurons(args: argparse.Namespace) -> int:
-    from tokenlake.analyze._neurons import rank_neurons
+    from tokenlake.analyze import rank_neurons
 
     sparsity = None if args.sparsity_filter is None else args.sparsity_filter == "on"
     res = rank_neurons(args.lake, args.run, method=args.method, detect_block=args.detect_block,
@@ -118,66 +179,118 @@ def neurons(args: argparse.Namespace) -> int:
           f"{'on' if meta['sparsity_filter'] else 'off'} -> {res['path']} (figure {res['figure']})")
     cols = ["rank", "block", "neuron", "score", "mean_abs_outlier", "mean_abs_normal",
             "outlier_share", "sparse_share"]
-    _print_table(res["table"].select(cols).slice(0, args.top), max_rows=args.top)
+    print(table_text(res["table"].select(cols).slice(0, args.top), max_rows=args.top))
     return 0
 
 
-def _print_table(table, *, max_rows: int) -> None:
-    frame = pl.from_arrow(table)
-    with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=160,
-                   tbl_hide_dataframe_shape=False):
-        print(frame)
+# -- reading the lake ------------------------------------------------------------------------
+
+
+def _sql_list() -> str:
+    from tokenlake.sql import BASE_VIEWS, query_info, query_names, view_info, view_names
+
+    out = [("Base views (one row per token, image, error... of every complete run; "
+            "store/SCHEMA.md):"), "  " + ", ".join(BASE_VIEWS), "",
+           "Views (SELECT ... FROM NAME):"]
+    infos = [view_info(n) for n in view_names()]
+    width = max(len(i.name) for i in infos)
+    for i in infos:
+        out.append(f"  {i.name:<{width}}  {i.description}")
+        if i.param_text and not i.param_text.startswith("none"):
+            out.append(f"  {'':<{width}}  takes: {i.param_text}")
+    out += ["", ("Named queries (tokenlake sql --query NAME --param NAME=VALUE ...; lists "
+                 "comma-separated):")]
+    queries = [query_info(n) for n in query_names()]
+    width = max(len(i.name) for i in queries)
+    for i in queries:
+        out.append(f"  {i.name:<{width}}  {i.description}")
+        params = "  ".join(f"--param {p.usage()}" for p in i.params) or "no parameters"
+        out.append(f"  {'':<{width}}    {params}")
+    out += ["", "Definitions: the header of each file in tokenlake/sql/views and sql/queries."]
+    return "\n".join(out)
+
+
+def _named_params(args: argparse.Namespace) -> list:
+    from tokenlake.sql import bind_params, query_info
+
+    info = query_info(args.query_name)
+    by_name = {p.name: p for p in info.params}
+    values = {}
+    for item in args.param or []:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise CommandError(f"--param {item!r}: write NAME=VALUE (e.g. --param runs=a,b)")
+        if name in values:
+            raise CommandError(f"--param {name} is given twice")
+        values[name] = by_name[name].parse(text) if name in by_name else text
+    return bind_params(args.query_name, values)  # unknown or missing names: one error
 
 
 def sql(args: argparse.Namespace) -> int:
     if args.list:
-        print("views:", ", ".join(view_names()))
-        from tokenlake.sql import query_names
-        print("named queries:", ", ".join(query_names()))
+        text = _sql_list()
+        if args.output is None:
+            print(text)
+        else:
+            write_text(args.output, text)
         return 0
-    sources = [x for x in (args.query, args.file, args.query_name) if x]
+    sources = [x for x in (args.text, args.file, args.query_name) if x]
     if len(sources) != 1:
-        raise ValueError("give exactly one of: a query, --file, --query-name")
-    text = (args.file.read_text() if args.file else
-            query_text(args.query_name) if args.query_name else args.query)
-    table = store.open_lake(args.lake).sql(text)
-    if args.format == "table":
-        _print_table(table, max_rows=args.max_rows)
-        return 0
-    text = store.export_table(table, args.output, format=args.format)
-    if text is not None:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        raise CommandError("give exactly one of: SQL text, --file FILE, --query NAME "
+                           "(`tokenlake sql --list` shows the names)")
+    if args.param and not args.query_name:
+        raise CommandError("--param goes with --query NAME (a named query's parameters)")
+    from tokenlake import store
+    from tokenlake.sql import query_text
+
+    params = None
+    if args.query_name:
+        text = query_text(args.query_name)
+        params = _named_params(args)
+    elif args.file:
+        try:
+            text = args.file.read_text(encoding="utf-8")
+        except OSError as err:
+            raise CommandError(f"cannot read {os_error_line(err, args.file)}") from None
+    else:
+        text = args.text
+    table = store.open_lake(_need_lake(args)).sql(text, params=params)
+    emit(table, fmt=args.format, output=args.output,
+         text_table=lambda: table_text(table, max_rows=args.max_rows))
     return 0
 
 
 def cards(args: argparse.Namespace) -> int:
-    from tokenlake.analyze._cards import card_table, side_by_side
+    from tokenlake import analyze, store
 
-    if not args.lake.is_dir():
-        raise store.LakeError(f"no lake at {args.lake}")
-    if args.output is not None and args.format == "table":
-        raise ValueError("--output goes with --format csv or json")
-    table = card_table(store.open_lake(args.lake), runs=args.runs)
-    if args.format != "table":
-        text = store.export_table(table, args.output, format=args.format)
-        if text is not None:
-            sys.stdout.write(text if text.endswith("\n") else text + "\n")
-        return 0
+    lake = _need_lake(args)
+    table = analyze.card_table(store.open_lake(lake), runs=args.runs)
+    emit(table, fmt=args.format, output=args.output, text_table=lambda: _cards_text(table))
+    return 0
+
+
+def _cards_text(table) -> str:
+    import polars as pl
+
+    from tokenlake.analyze import side_by_side
+
     head, rows = side_by_side(table)
     frame = pl.DataFrame([[r[k] for r in rows] for k in range(len(head))], schema=head,
                          orient="col")
     with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=10_000,
                    tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True,
                    tbl_cell_alignment="LEFT"):
-        print(frame)
+        lines = [str(frame)]
     if any(r["random_weights"] for r in table.to_pylist()):
-        print("[RANDOM WEIGHTS] runs used untrained networks: their cards say nothing about the "
-              "real models.")
-    print("Definitions: sql/views/cards.sql (`tokenlake sql --lake LAKE \"SELECT * FROM cards\"`).")
-    return 0
+        lines.append("[RANDOM WEIGHTS] runs used untrained networks: their cards say nothing "
+                     "about the real models.")
+    lines.append("Definitions: sql/views/cards.sql "
+                 "(`tokenlake sql --lake LAKE \"SELECT * FROM cards\"`).")
+    return "\n".join(lines)
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -186,7 +299,9 @@ def _size(n: int) -> str:
 
 
 def runs(args: argparse.Namespace) -> int:
-    rows = store.open_lake(args.lake).runs(include_incomplete=True)
+    from tokenlake import store
+
+    rows = store.open_lake(_need_lake(args)).runs(include_incomplete=True)
     if not rows:
         print(f"no runs in {args.lake}")
         return 0
@@ -205,7 +320,15 @@ def runs(args: argparse.Namespace) -> int:
 
 
 def validate(args: argparse.Namespace) -> int:
-    problems = store.open_lake(args.lake).validate(args.run)
+    from tokenlake import store
+
+    lake = store.open_lake(_need_lake(args))
+    names = comma_list(args.runs) if args.runs else [None]
+    known = [r["run"] for r in lake.runs(include_incomplete=True)]
+    for name in names:
+        if name is not None and name not in known:  # a typo, not a damaged run
+            raise store.UnknownRun(name, known)
+    problems = [p for name in names for p in lake.validate(name)]
     for problem in problems:
         print(problem)
     print("ok: every committed shard matches its marker" if not problems
@@ -213,28 +336,35 @@ def validate(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+# -- experiments, the demo, the model list ---------------------------------------------------
+
+
+def experiment_file(arg: str) -> Path:
+    """The experiment file `arg` names (a path, or a shipped experiment: `paper`); says so on
+    stderr when it is the shipped copy."""
+    from tokenlake.experiments import resolve_experiment
+
+    path = resolve_experiment(arg)
+    if path != Path(arg):
+        print(f"experiment {arg}: {path} (shipped with tokenlake)", file=sys.stderr)
+    return path
+
+
 def plan(args: argparse.Namespace) -> int:
+    from tokenlake import store
     from tokenlake.cli import _experiments
 
-    exp = _experiments.load(args.file)
+    exp = _experiments.load(experiment_file(args.file))
     lake = store.open_lake(args.lake) if args.lake and args.lake.exists() else None
     rates = _experiments.load_rates(args.rates) if args.rates else None
     _experiments.print_plan(exp, lake, rates)
     return 0
 
 
-def run_experiment(args: argparse.Namespace) -> int:
-    from tokenlake.cli import _experiments
-
-    exp = _experiments.load(args.file)
-    return _experiments.execute(exp, lake=args.lake, device=args.device, quiet=args.quiet,
-                                log=lambda text: _say(args, text))
-
-
 def demo(args: argparse.Namespace) -> int:
     from tokenlake.cli._demo import run_demo
 
-    return run_demo(out=args.out, n_images=args.images)
+    return run_demo(out=args.out, n_images=args.n)
 
 
 def models(args: argparse.Namespace) -> int:

@@ -1,8 +1,9 @@
 """Experiment files (`experiments/*.toml`): the whole paper as one plan, printed or executed.
 
-A file lists subsets, runs, analyses and probes. `plan` estimates each run's images, GPU time and
-disk before anything runs; `run` executes in dependency order (a run's `outlier_ref` first) and
-skips whatever the lake already holds.
+A file lists subsets, runs, analyses, probes, an optional report, and how to run on a cluster
+(`[slurm]`). `plan` estimates each run's images, GPU time and disk before anything runs; `run`
+executes in dependency order (cli/_steps.py), here one step after another or as SLURM jobs
+(cli/_runner.py), and skips whatever the lake already holds.
 """
 
 from __future__ import annotations
@@ -15,18 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenlake import store
+from tokenlake.cli._entries import check_analysis, check_probe, check_report
 from tokenlake.cli._stores import StoreSpec, pixel_options, shared_stores
 from tokenlake.extract import (
-    ExtractRequest,
     default_run_name,
-    draw_subset,
-    extract,
+    find_pixel_store,
+    meta_backbone,
     open_source,
     resolve_model,
     resolve_weights,
+    slurm_options,
 )
-from tokenlake.extract._models import meta_backbone
-from tokenlake.extract._pixelstore import build_pixel_store, find_pixel_store
 
 # Bare bf16 forward throughput on one H200 (random weights, same FLOPs as pretrained), measured
 # 2026-11 (docs/MODELS.md). Other models are scaled by parameters x tokens within their family.
@@ -63,6 +63,8 @@ class RunSpec:
     test_time_registers: str | None = None  # "RUN:K", RUN a record_mlp run of this file
     preprocess: str = "model"  # "dinov2-eval": DINOv2's official evaluation recipe (Table 4)
     precision: str | None = None  # "fp32" | "bf16"; default bf16 on a GPU, fp32 on the CPU
+    batch_size: int = 32
+    shard_size: int = 256  # images per shard: a cluster task's unit of work
 
     def name(self) -> str:
         spec = resolve_model(self.model)
@@ -78,17 +80,26 @@ class Experiment:
     analyses: list[dict] = field(default_factory=list)
     probes: list[dict] = field(default_factory=list)
     pixels: dict = field(default_factory=lambda: pixel_options({}, "defaults"))
+    slurm: dict = field(default_factory=dict)  # the [slurm] table, checked (extract/_slurmopts.py)
+    report: dict | None = None  # the [report] table: a report after everything else
+    path: Path | None = None
 
     def stores(self) -> list[StoreSpec]:
         return shared_stores(self.runs, min_runs=self.pixels["min_runs"])
 
 
+SECTIONS = ("subsets", "runs", "analyses", "probes", "pixels", "slurm", "report")
+NEURON_KEYS = ("method", "detect_block", "highest_block", "sparsity_filter", "sparsity_frac",
+               "top", "out")
+
+
 def load(path: Path) -> Experiment:
     with open(path, "rb") as handle:
         raw = tomllib.load(handle)
-    unknown = set(raw) - {"subsets", "runs", "analyses", "probes", "pixels"}
+    unknown = set(raw) - set(SECTIONS)
     if unknown:
-        raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}")
+        raise ValueError(f"{path}: unknown section(s) {sorted(unknown)}; known: "
+                         f"{', '.join(SECTIONS)}")
     runs = []
     for i, entry in enumerate(raw.get("runs", [])):
         try:
@@ -97,8 +108,20 @@ def load(path: Path) -> Experiment:
             raise ValueError(f"{path}: runs[{i}]: {err}") from None
         if runs[-1].subset not in raw.get("subsets", {}):
             raise ValueError(f"{path}: runs[{i}] uses subset {runs[-1].subset!r}, not defined")
+        bad = sorted(set(runs[-1].neurons) - set(NEURON_KEYS))
+        if bad:
+            raise ValueError(f"{path}: runs[{i}]: neurons has unknown key(s) {bad}; known: "
+                             f"{', '.join(NEURON_KEYS)}")
+    for i, entry in enumerate(raw.get("analyses", [])):
+        check_analysis(entry, f"{path}: analyses[{i}]")
+    for i, entry in enumerate(raw.get("probes", [])):
+        check_probe(entry, f"{path}: probes[{i}]")
+    if "report" in raw:
+        check_report(raw["report"], str(path))
+    slurm_options(raw.get("slurm", {}), where=str(path))  # refused now, not when submitting
     return Experiment(raw.get("subsets", {}), _ordered(runs), raw.get("analyses", []),
-                      raw.get("probes", []), pixel_options(raw.get("pixels", {}), str(path)))
+                      raw.get("probes", []), pixel_options(raw.get("pixels", {}), str(path)),
+                      slurm=raw.get("slurm", {}), report=raw.get("report"), path=Path(path))
 
 
 def _ordered(runs: list[RunSpec]) -> list[RunSpec]:
@@ -283,7 +306,7 @@ def estimate(exp: Experiment, run: RunSpec, lake: store.Lake | None,
 @functools.cache
 def _mlp_bytes(alias: str, px: int, acts: bool) -> int:
     """Per image: a --record-mlp run's statistics (and raw activations)."""
-    from tokenlake.extract._neuronstats import mlp_specs
+    from tokenlake.extract import mlp_specs
 
     model = meta_backbone(resolve_model(alias), px)
     depth, hidden = len(model.blocks), int(model.blocks[0].mlp.fc2.in_features)
@@ -346,55 +369,7 @@ def _print_stores(exp: Experiment, lake: store.Lake | None) -> None:
 
 
 def execute(exp: Experiment, *, lake: Path, device: str | None, quiet: bool, log=print) -> int:
-    for name, spec in exp.subsets.items():
-        try:
-            store.read_subset(lake, name)
-        except (store.LakeError, FileNotFoundError):
-            source = open_source(spec["data"], split=spec.get("split"))
-            store.write_subset(lake, name, draw_subset(source, n=spec.get("n"),
-                                                       seed=spec.get("seed", 42)))
-            log(f"subset {name}: written")
-    decoder, from_store = exp.pixels["decoder"], set()
-    for s in exp.stores():
-        build_pixel_store(str(lake), s.subset, s.cfg, decoder=decoder, quiet=quiet)
-        from_store.update(s.runs)
-        log(f"pixel store for {s.subset} at {s.cfg.img_size} px: complete ({len(s.runs)} runs)")
-    for run in exp.runs:
-        manifest = extract(ExtractRequest(
-            decoder=decoder if run.name() in from_store else "pil",
-            lake=str(lake), model=run.model, subset=run.subset, policy=run.policy,
-            weights=run.weights, img_size=run.img_size, run=run.name(), outlier_ref=run.outlier_ref,
-            normals_per_image=run.normals_per_image, keep_if_outlier=run.keep_if_outlier, n=run.n,
-            blocks=run.blocks == "all", record_mlp=run.record_mlp, mlp_acts=run.mlp_acts,
-            test_time_registers=run.test_time_registers, preprocess=run.preprocess,
-            precision=run.precision, device=device, quiet=quiet), log=log)
-        log(f"run {manifest['run']}: {manifest['n_images']} images")
-        if run.record_mlp:  # rank its neurons now: a test-time-registers run may need them next
-            _step("neurons", {"run": manifest["run"], **run.neurons}, lake=lake, quiet=quiet,
-                  log=log)
-    for entry in exp.analyses:
-        _step("analyze", entry, lake=lake, quiet=quiet, log=log)
-    for entry in exp.probes:
-        _step("probe", entry, lake=lake, quiet=quiet, device=device, log=log)
-    return 0
+    """Every step of the file in this process, one after another (`tokenlake run`)."""
+    from tokenlake.cli._runner import run_serial
 
-
-def _step(command: str, entry: dict, *, lake: Path, quiet: bool, device: str | None = None,
-          log=print) -> None:
-    """An analysis or probe entry, run through the same command line a user would type."""
-    from tokenlake.cli.main import main
-
-    entry = dict(entry)
-    argv = [command, *([entry.pop("name")] if "name" in entry else []), "--lake", str(lake)]
-    for key, value in entry.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    if command == "probe":
-        argv += (["--device", device] if device else []) + (["--quiet"] if quiet else [])
-    log(f"$ tokenlake {' '.join(argv)}")
-    try:
-        code = main(argv)
-    except SystemExit as stop:  # argparse refusing an option of the experiment file
-        raise ValueError(f"experiment entry {' '.join(argv)}: invalid options") from stop
-    if code:
-        raise RuntimeError(f"`tokenlake {' '.join(argv)}` failed with exit code {code}")
-
+    return run_serial(exp, lake=Path(lake), device=device, quiet=quiet, log=log)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import textwrap
 from dataclasses import dataclass
 
-from tokenlake.extract._registry import FLAGS, Family, family_of, make_adapter, model_families
+from tokenlake.extract import Family, family_of, make_adapter, model_families
+from tokenlake.extract._registry import FLAGS  # option -> its flag: command-line text only
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ def alias_rows(family: str | None = None) -> list[AliasRow]:
     """One row per alias (the paper's and every family's), layout from a meta-device model.
     family: skip the aliases other families declare (the paper's are always read: their family
     is known only from the model's class)."""
-    from tokenlake.extract._models import ALIASES, all_aliases, meta_backbone
+    from tokenlake.extract import ALIASES, all_aliases, meta_backbone
 
     declared = {a: f.name for f in model_families() for a, _, _ in f.aliases}
     rows = []

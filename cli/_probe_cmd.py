@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from tokenlake.cli._options import add_lake
 
 NAMES = ("position", "reconstruct", "classify", "heads", "registers", "sweep")
 TOKENS = ("post", "pre")  # = tokenlake.probes._data.TOKENS (not imported: --help stays light)
@@ -36,7 +37,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "`probe classify --run M-train200k --test-run M-val5k`.",
     )
     p.add_argument("name", choices=NAMES, metavar="NAME", help=" | ".join(NAMES))
-    p.add_argument("--lake", required=True, type=Path, help="the lake's root directory")
+    add_lake(p)
     p.add_argument("--run", default=None,
                    help="the run to probe (classify: the training run)")
     p.add_argument("--head", type=Path, default=None,
@@ -70,7 +71,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="retrain even if a result exists")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help=f"default {DEFAULT_SEED}, as the paper")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     g = p.add_argument_group("hyper-parameters (default: the probe's, see probes/README.md)")
     g.add_argument("--lrs", type=_floats, default=None, help="comma-separated lr grid")
@@ -134,7 +135,6 @@ def _options(args) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from tokenlake import probes
-    from tokenlake.probes import _classify, _position, _reconstruct, _registers
 
     common = {"device": args.device, "force": args.force, "seed": args.seed, "quiet": args.quiet}
     name = args.name
@@ -165,33 +165,26 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"probe {name} needs --run")
     if name == "position":
         res = probes.position(args.lake, args.run, **common, **opts,
-                              **_hp(args, _position.DEFAULTS))
+                              **_hp(args, probes.DEFAULTS["position"]))
     elif name == "reconstruct":
         res = probes.reconstruct(args.lake, args.run, **common, **opts,
-                                 **_hp(args, _reconstruct.DEFAULTS))
+                                 **_hp(args, probes.DEFAULTS["reconstruct"]))
     elif name == "classify":
         res = probes.classify(args.lake, args.run, **common, **opts,
-                              **_hp(args, _classify.DEFAULTS))
+                              **_hp(args, probes.DEFAULTS["classify"]))
     elif name == "registers":
         res = probes.registers(args.lake, args.run, head=args.head, **common, **opts,
-                               **_hp(args, _registers.DEFAULTS))
+                               **_hp(args, probes.DEFAULTS["registers"]))
     else:
         extra = {"tops": args.tops} if args.tops else {}
         res = probes.sweep(args.lake, args.run, **common, **extra, **opts,
-                           **_hp(args, _position.DEFAULTS))
+                           **_hp(args, probes.DEFAULTS["sweep"]))
     _print(args, res)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (tests, before the lead wires `register` into cli/main.py)."""
-    parser = argparse.ArgumentParser(prog="tokenlake")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    from tokenlake import store
+    """`tokenlake probe ...` as the command line runs it (argv starts with "probe")."""
+    from tokenlake.cli.main import main as cli_main
 
-    try:
-        return int(args.func(args) or 0)
-    except (store.LakeError, ValueError, FileNotFoundError) as err:
-        print(f"tokenlake probe: error: {err}", file=sys.stderr)
-        return 2
+    return cli_main(argv)

@@ -6,10 +6,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from tokenlake.extract import resolve_model
-from tokenlake.extract._models import meta_backbone
-from tokenlake.extract._preprocess import DataConfig, data_config
-from tokenlake.extract._tvdecode import check_decoder
+from tokenlake.extract import DataConfig, check_decoder, data_config, meta_backbone, resolve_model
 
 PIXEL_KEYS = {"decoder", "min_runs"}
 

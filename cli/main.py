@@ -1,32 +1,51 @@
-"""The ``tokenlake`` command line: ``main(argv) -> int``, one sub-command per job."""
+"""The ``tokenlake`` command line: ``main(argv) -> int``, one sub-command per job.
+
+Building the parser imports the standard library only, so `--help` answers at once; each command
+imports what it needs when it runs (tests/test_cli.py holds `sql`, `runs`, `validate`, `cards` and
+`--help` free of torch, timm, torchvision and datasets). Errors a user can cause print one line
+and exit 2 (cli/_errors.py); a command whose extra is not installed says which to install.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from tokenlake.cli import _analyze_cmd, _commands, _probe_cmd
-from tokenlake.extract._preprocess import PREPROCESS
-from tokenlake.extract._tvdecode import DECODERS
+from tokenlake.cli import _analyze_cmd, _commands, _probe_cmd, _run_cmd
+from tokenlake.cli._errors import CommandError, missing_extra, user_error_line
+from tokenlake.cli._options import (
+    DECODERS,
+    PREPROCESS,
+    Parser,
+    add_lake,
+    add_version,
+    deprecated,
+)
+
+_lake = add_lake  # `--lake DIR`, default $TOKENLAKE_LAKE
 
 
-def _lake(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--lake", required=True, type=Path, help="the lake's root directory")
+def _quiet_libraries(command: str) -> None:
+    """datasets prints a bar per local folder it indexes; our own bars say what matters. Only for
+    the commands that read images (the others never import datasets)."""
+    if command in ("subset", "extract", "pixels", "run", "demo"):
+        import datasets
 
-
-def _quiet_libraries() -> None:
-    """datasets prints a bar per local folder it indexes; our own bars say what matters."""
-    import datasets
-
-    datasets.disable_progress_bars()
+        datasets.disable_progress_bars()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="tokenlake",
         description="Run each vision backbone once; answer every later question from the lake.",
+        epilog="--lake defaults to $TOKENLAKE_LAKE. `tokenlake COMMAND --help` for a command's "
+               "options. `pip install tokenlake` reads lakes (sql, runs, validate, cards, "
+               "analyze, report, neurons); extract, subset, pixels, models, plan, run need "
+               "tokenlake[extract], probe tokenlake[probes], demo tokenlake[demo].",
     )
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("subset", help="choose which images a subset holds (seeded)")
@@ -36,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hugging Face dataset name, local image folder, or save_to_disk directory")
     p.add_argument("--split", default=None, help="dataset split (e.g. validation)")
     p.add_argument("--n", type=int, default=None, help="number of images (default: all)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="seed of the draw")
     p.add_argument("--limit", type=int, default=None, help="keep only the first N drawn images")
     p.set_defaults(func=_commands.subset)
 
@@ -56,13 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", default=None, help="run name (default: MODEL-PX-SUBSET)")
     p.add_argument("--outlier-ref", default=None,
                    help="run whose 98th-percentile patch norm is the outlier threshold")
-    p.add_argument("--normals-per-image", type=int, default=4)
+    p.add_argument("--normals-per-image", type=int, default=4,
+                   help="--policy sample: seeded random normal patches kept per image")
     p.add_argument("--keep-if-outlier", action="store_true",
                    help="keep only images with >= 1 outlier token, until --n are kept")
     p.add_argument("--n", type=int, default=None, help="with --keep-if-outlier: images to keep")
     p.add_argument("--blocks", choices=["none", "all"], default="none",
                    help="'all' also records every block's output norm and q/k/v norms")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--shard-size", type=int, default=256, help="images per shard")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if present)")
     p.add_argument("--decode-workers", type=int, default=None,
@@ -72,12 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extraction processes, each owning whole shards (one per GPU)")
     p.add_argument("--executor", choices=["local", "slurm"], default="local",
                    help="'slurm' submits the shards as a SLURM job array through submitit")
-    p.add_argument("--slurm-partition", default=None)
-    p.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per SLURM task")
-    p.add_argument("--slurm-cpus", type=int, default=8, help="CPUs per SLURM task")
-    p.add_argument("--slurm-time", type=int, default=240, help="time limit per task, minutes")
+    p.add_argument("--slurm-partition", default=None, help="SLURM partition (default: the "
+                                                           "cluster's)")
+    p.add_argument("--slurm-gpus", type=int, default=None, help="GPUs per SLURM task "
+                                                                 "(default 1)")
+    p.add_argument("--slurm-cpus", type=int, default=None, help="CPUs per SLURM task (default 8)")
+    p.add_argument("--slurm-time", default=None,
+                   help="per task: minutes, H:MM:SS or D-H:MM:SS (default 240)")
     p.add_argument("--slurm-array-parallelism", type=int, default=None,
-                   help="SLURM tasks running at once (default: all)")
+                   help="SLURM tasks running at once (default 16)")
     p.add_argument("--record-mlp", action="store_true",
                    help="ViTs: also store per-image register-neuron statistics (mlp_* arrays, "
                         "what `tokenlake neurons` ranks; ~11 MB per image for DINOv2-L at 518 px). "
@@ -101,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="dtype the blocks run in: fp32, or bf16 autocast (default: bf16 on a "
                         "GPU, fp32 on the CPU); recorded as the run's compute_dtype")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--allow-version-change", action="store_true",
+                   help="resume a run begun with other versions of torch, timm or tokenlake "
+                        "(refused otherwise, naming them); the change is recorded in the run's "
+                        "manifest")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or notes")
     p.set_defaults(func=_commands.extract)
 
     p = sub.add_parser("neurons", help="rank the MLP neurons of a --record-mlp run as register "
@@ -126,18 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity-frac", type=float, default=0.5,
                    help="the sparsity filter's share of patches (their sparsity_frac_threshold)")
     p.add_argument("--top", type=int, default=10, help="neurons printed and labelled in the figure")
-    p.add_argument("--out", type=Path, default=None, help="figure folder (default LAKE/analysis)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder of the table and figure (default: LAKE/analysis)")
     p.set_defaults(func=_commands.neurons)
 
     p = sub.add_parser("pixels", help="decode a subset once into the lake's pixel store, which "
                                       "every model with the same input recipe then reads")
     _lake(p)
-    p.add_argument("--subset", required=True)
+    p.add_argument("--subset", required=True, help="a subset made by `tokenlake subset`")
     p.add_argument("--model", required=True, help="whose resize recipe (size, crop, interpolation)")
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--img-size", type=int, default=None,
+                   help="input resolution (default: the model's, as extract)")
+    p.add_argument("--decode-workers", type=int, default=None,
                    help="decoding processes (pil, default: all cores) or file-reading threads "
                         "(torchvision, default: all cores up to 16)")
+    deprecated(p, "--workers", "--decode-workers", dest="decode_workers", type=int)
     p.add_argument("--shard-size", type=int, default=None,
                    help="images per pixel-store shard (default: >= 4 shards per worker, at most "
                         "256; an unfinished store keeps its own)")
@@ -149,17 +179,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --decoder torchvision: cuda, cuda:1, cpu (default: cuda if present)")
     p.add_argument("--preprocess", choices=PREPROCESS, default="model",
                    help="input recipe whose pixels to store (as extract --preprocess)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_commands.pixels)
 
-    p = sub.add_parser("sql", help="ask a read-only SQL question of the lake (DuckDB)")
-    _lake(p)
-    p.add_argument("query", nargs="?", help="SQL text; or use --file / --query-name")
-    p.add_argument("--file", type=Path, help="read the query from a file")
-    p.add_argument("--query-name", help="a named query shipped in tokenlake.sql (see --list)")
-    p.add_argument("--list", action="store_true", help="list views and named queries")
-    p.add_argument("--format", default="table", choices=["table", "csv", "json", "parquet"])
-    p.add_argument("--output", type=Path, help="write the result here (required for parquet)")
+    p = sub.add_parser(
+        "sql", help="ask a read-only SQL question of the lake (DuckDB), or run a named query",
+        description="One read-only statement over the lake's views (SQL text, --file or a named "
+                    "query with --param). `tokenlake sql --list` shows every view and named "
+                    "query with its parameters, and needs no lake.")
+    add_lake(p, required=False, help="the lake's root directory (not needed with --list)")
+    p.add_argument("text", nargs="?", metavar="SQL", help="SQL text (or --file / --query)")
+    p.add_argument("--file", type=Path, help="read the SQL from this file")
+    p.add_argument("--query", dest="query_name", metavar="NAME",
+                   help="a named query shipped in tokenlake.sql (see --list)")
+    deprecated(p, "--query-name", "--query", dest="query_name")
+    p.add_argument("--param", action="append", metavar="NAME=VALUE",
+                   help="a named query's parameter, by the name its header gives (--list); "
+                        "repeat for each; a list is comma-separated (--param runs=a,b)")
+    p.add_argument("--list", action="store_true",
+                   help="list the views and named queries with descriptions and parameters")
+    p.add_argument("--format", default="table", choices=["table", "csv", "json", "parquet"],
+                   help="table: printed rows (--max-rows); csv, json; parquet (needs --output)")
+    p.add_argument("--output", type=Path, metavar="FILE",
+                   help="write the result (any --format, or --list) to this file instead of "
+                        "stdout")
     p.add_argument("--max-rows", type=int, default=50, help="rows shown by --format table")
     p.set_defaults(func=_commands.sql)
 
@@ -168,10 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "block, attention agreement, low-info share, register neurons")
     _lake(p)
     p.add_argument("--runs", default=None, help="comma list of runs (default: every complete run)")
-    p.add_argument("--format", default="table", choices=["table", "csv", "json"],
-                   help="table: one column per run, one row per card field; csv, json: one "
-                        "record per run with the `cards` view's typed columns plus family, params")
-    p.add_argument("--output", type=Path, default=None, help="csv/json: write to this file")
+    p.add_argument("--format", default="table", choices=["table", "csv", "json", "parquet"],
+                   help="table: one column per run, one row per card field; csv, json, parquet: "
+                        "one record per run with the `cards` view's typed columns plus family, "
+                        "params (parquet needs --output)")
+    p.add_argument("--output", type=Path, default=None, metavar="FILE",
+                   help="write the cards (any --format) to this file instead of stdout")
     p.set_defaults(func=_commands.cards)
 
     p = sub.add_parser("runs", help="what is in the lake, with sizes and status")
@@ -180,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check every committed shard against its marker")
     _lake(p)
-    p.add_argument("--run", default=None)
+    p.add_argument("--runs", default=None,
+                   help="comma list of runs to check (default: every run, partial ones too)")
+    deprecated(p, "--run", "--runs", dest="runs")
     p.set_defaults(func=_commands.validate)
 
     p = sub.add_parser("models", help="the model families tokenlake extracts from (timm classes, "
@@ -192,36 +239,59 @@ def build_parser() -> argparse.ArgumentParser:
     _analyze_cmd.register(sub)
     _probe_cmd.register(sub)
 
-    p = sub.add_parser("plan", help="print an experiment file's runs with GPU time and disk")
-    p.add_argument("file", type=Path, help="e.g. experiments/paper.toml")
-    p.add_argument("--lake", type=Path, default=None, help="mark what this lake already holds")
+    p = sub.add_parser("plan", help="print an experiment's runs with GPU time and disk")
+    p.add_argument("file", metavar="EXPERIMENT",
+                   help="an experiment file, or the name of one shipped with tokenlake (paper, "
+                        "beyond, demo; experiments/NAME.toml also names it)")
+    add_lake(p, required=False, help="mark what this lake already holds")
     p.add_argument("--rates", type=Path, default=None,
                    help="GPU rates from this bench results file (bench/run.py --only gpu); "
-                        "default docs/bench-results-gpu.json if present, else docs/MODELS.md's")
+                        "default: the project's committed GPU results if present, else the H200 "
+                        "anchors of docs/MODELS.md")
     p.set_defaults(func=_commands.plan)
 
-    p = sub.add_parser("run", help="execute an experiment file, skipping what the lake holds")
-    p.add_argument("file", type=Path)
-    _lake(p)
-    p.add_argument("--device", default=None)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_commands.run_experiment)
+    _run_cmd.register(sub)  # run and status
 
     p = sub.add_parser("demo", help="build the demo image set, extract two random-weight models, "
                                     "and print a few SQL answers")
-    p.add_argument("--out", type=Path, default=Path("demo-out"), help="where the lake goes")
-    p.add_argument("--images", type=int, default=64, help="demo images to use")
+    p.add_argument("--out", type=Path, default=Path("demo-out"),
+                   help="output folder: images, lake and report go under it")
+    p.add_argument("--n", type=int, default=64, help="demo images to make")
+    deprecated(p, "--images", "--n", dest="n", type=int)
     p.set_defaults(func=_commands.demo)
     return parser
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """A path naming the wrong kind of thing, before a command trips over it."""
+    lake = getattr(args, "lake", None)
+    if lake is not None and lake.exists() and not lake.is_dir():
+        raise CommandError(f"--lake {lake} is a file, not a lake directory")
+    out = getattr(args, "out", None)
+    if isinstance(out, Path) and out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} is a file; --out names an output folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    command = args.command
     try:
+        _check_paths(args)
+        if (why := missing_extra(command)) is not None:
+            raise CommandError(why)
+        _quiet_libraries(command)
         return int(args.func(args) or 0)
-    except _commands.USER_ERRORS as err:
-        print(f"tokenlake {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"tokenlake {command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (`tokenlake sql ... | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as err:  # user errors become one line; the rest re-raise
+        line = user_error_line(err, command)
+        if line is None:
+            raise
+        print(f"tokenlake {command}: error: {line}", file=sys.stderr)
         return 2
 
 

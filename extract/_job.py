@@ -1,5 +1,8 @@
 """One extraction run end to end: plan, extract the pending shards (here, in a local process pool
-or as a SLURM job array), then commit the manifest. Rerunning the same request resumes."""
+or as a SLURM job array), then commit the manifest. Rerunning the same request resumes.
+
+A cluster task runs a part: `_scale.ShardWork` (an array task's shards), `commit_run` (the
+manifest, once they are all done) or `extract_here` (a whole run in one task)."""
 
 from __future__ import annotations
 
@@ -22,27 +25,57 @@ def extract(request: ExtractRequest, *, log=print) -> dict:
     """Run (or resume) an extraction; returns the run's manifest."""
     started = time.time()
     p = plan(request)
-    writer = open_writer(p)
-    if writer.manifest_path.exists():
-        log(f"run {p.run} is already complete in {request.lake}")
-        return store.open_lake(request.lake).manifest(p.run)
+    if (done := _complete(p, log)) is not None:
+        return done
+    if request.workers > 1 or request.executor == "slurm":
+        run_parallel(p, log=log)
+        return _commit(p, started, {}, last=p.n_shards - 1)
+    return _here(p, started, log)
+
+
+def extract_here(request: ExtractRequest, *, log=print) -> dict:
+    """The whole run in this process, whatever `request.executor` says: the body of a cluster
+    task for a run that cannot be split (keep-if-outlier walks its subset in order)."""
+    started = time.time()
+    p = plan(request)
+    if (done := _complete(p, log)) is not None:
+        return done
+    return _here(p, started, log)
+
+
+def commit_run(request: ExtractRequest, *, log=print) -> dict:
+    """The manifest of a run whose shards other processes wrote; refuses while any is missing."""
+    started = time.time()
+    p = plan(request)
+    if (done := _complete(p, log)) is not None:
+        return done
+    return _commit(p, started, {}, last=p.n_shards - 1)
+
+
+def _complete(p: Plan, log) -> dict | None:
+    if open_writer(p).manifest_path.exists():
+        log(f"run {p.run} is already complete in {p.request.lake}")
+        return store.open_lake(p.request.lake).manifest(p.run)
     if p.weights.is_random:
         log("NOTE: RANDOM WEIGHTS - this run's numbers describe an untrained network, not "
             f"{p.spec.timm_name}")
-    timing: dict = {}
-    if request.workers > 1 or request.executor == "slurm":
-        run_parallel(p, log=log)
-        last = p.n_shards - 1
-    else:
-        timing = work(p, log=log)
-        last = timing["last_shard"]
+    return None
+
+
+def _here(p: Plan, started: float, log) -> dict:
+    timing = work(p, log=log)
+    return _commit(p, started, timing, last=timing["last_shard"])
+
+
+def _commit(p: Plan, started: float, timing: dict, *, last: int) -> dict:
+    writer = open_writer(p)
     missing = sorted(set(range(last + 1)) - writer.committed())
     if missing:
         raise store.LakeError(f"run {p.run}: shards {missing[:10]} were not written; rerun the "
                               "same command to resume")
-    n_shards = last + 1 if request.keep_if_outlier else p.n_shards
+    n_shards = last + 1 if p.request.keep_if_outlier else p.n_shards
     writer.commit(_manifest(p, started, timing), n_shards=n_shards)
-    return store.open_lake(request.lake).manifest(p.run)
+    return store.open_lake(p.request.lake).manifest(p.run)
 
 
 def _manifest(p: Plan, started: float, timing: dict) -> dict:
@@ -65,6 +98,8 @@ def _manifest(p: Plan, started: float, timing: dict) -> dict:
         if req.outlier_ref else "this run (98th percentile of its patch norms)",
         "versions": {"timm": timm.__version__, "torch": torch.__version__,
                      "tokenlake": version("tokenlake")},
+        # the run resumed with other versions than config.versions, accepted (_plan.py)
+        **({"version_change": p.version_change} if p.version_change else {}),
         "device": str(p.device), "compute_dtype": p.config["compute_dtype"],
         "embedding_dtype": "float16", "workers": req.workers, "executor": req.executor,
         "pixel_source": f"pixel store {p.pixel_store}" if p.pixel_store

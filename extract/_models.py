@@ -1,6 +1,6 @@
 """The paper's backbones by short alias, and model construction (pretrained, local file or random).
 
-Every alias pins the pretrained tag: several timm defaults are other checkpoints (MODELS.md).
+Every alias pins the pretrained tag: several timm defaults are other checkpoints (docs/MODELS.md).
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def create_backbone(spec: ModelSpec, *, weights: Weights, img_size: int) -> torc
         torch.manual_seed(RANDOM_INIT_SEED)
     model = timm.create_model(spec.timm_name, pretrained=not weights.is_random, **kwargs)
     if arch.startswith("swin") and img_size != model.patch_embed.img_size[0]:
-        # a wider window instead of unmasked zero padding at high resolution (MODELS.md)
+        # a wider window instead of unmasked zero padding at high resolution (docs/MODELS.md)
         model.set_input_size((img_size, img_size))
     return model.eval()
 

@@ -9,6 +9,7 @@ import torch
 
 from tokenlake import store
 from tokenlake.extract._adapters import TokenLayout
+from tokenlake.extract._api import library_versions
 from tokenlake.extract._finalnorm import check_final_norm_module
 from tokenlake.extract._loader import InputRow
 from tokenlake.extract._models import (
@@ -59,6 +60,8 @@ class ExtractRequest:
     decoder: str = "pil"  # "torchvision": read the subset's torchvision pixel store (built first)
     preprocess: str = "model"  # input recipe: "model" (timm's) | "dinov2-eval" (_preprocess.py)
     precision: str | None = None  # "fp32" | "bf16"; None: bf16 autocast on CUDA, fp32 on the CPU
+    # resume a run begun with other torch/timm/tokenlake versions (refused otherwise); recorded
+    allow_version_change: bool = False
 
 
 @dataclass
@@ -75,6 +78,8 @@ class Plan:
     config: dict = field(default_factory=dict)
     ttreg: list[tuple[int, int]] | None = None  # (block, neuron) moved to the test-time register
     pixel_store: str | None = None  # the pixel store the run reads (its name); None: decode
+    # resuming with other library versions, accepted (allow_version_change): {"from", "to", ...}
+    version_change: dict | None = None
 
     @property
     def n_shards(self) -> int:
@@ -177,6 +182,7 @@ def plan(request: ExtractRequest) -> Plan:
         "shard_size": request.shard_size, "seed": request.seed,
         "compute_dtype": PRECISIONS[precision],
     }
+    config["versions"] = library_versions()  # a resume with others is refused unless allowed
     if request.preprocess != "model":  # config keys only when set: existing runs are unchanged
         config["preprocess"] = request.preprocess
     if request.policy == "sample":  # the draw is part of what a resumed run must repeat
@@ -192,8 +198,43 @@ def plan(request: ExtractRequest) -> Plan:
         config["record_mlp"] = _mlp_config(request)
     if request.test_time_registers is not None:
         ttreg, config["test_time_registers"] = _ttreg_neurons(lake, request, spec, weights)
+    version_change = _resume_versions(lake, run, config, request)
     return Plan(request, spec, weights, img_size, run, rows, subset_meta, threshold, device, config,
-                ttreg, pixel_store)
+                ttreg, pixel_store, version_change)
+
+
+def _resume_versions(lake: store.Lake, run: str, config: dict,
+                     request: ExtractRequest) -> dict | None:
+    """Compare the versions in `config` (this process's) with those the run was begun with.
+
+    A new run keeps this process's. A run begun with others (or before tokenlake recorded them)
+    keeps its own record in `config`, so the writer compares the rest; then a complete run is
+    only reported, and resuming a partial one is refused naming the versions that differ, unless
+    `request.allow_version_change`: the change is returned, for the manifest."""
+    begun = lake.run_config(run)
+    now = config["versions"]
+    before = None if begun is None else begun.get("versions")
+    if begun is None or before == now:
+        return None
+    if before is None:
+        del config["versions"]
+    else:
+        config["versions"] = before
+    if run in {r["run"] for r in lake.runs()}:  # complete: nothing will be computed
+        return None
+    old = before or {}
+    differ = [f"{k} {old.get(k, 'unrecorded')} -> {now.get(k, 'absent')}"
+              for k in sorted(set(old) | set(now)) if old.get(k) != now.get(k)]
+    if not request.allow_version_change:
+        begun_with = ("with other versions" if before is not None
+                      else "by a tokenlake that did not record versions")
+        raise store.RunConfigMismatch(
+            f"run {run!r} was begun {begun_with}: {', '.join(differ)}. Resuming would mix shards "
+            "computed by both: rerun with --allow-version-change to accept (the run's manifest "
+            "records it), or use --run NEW_NAME")
+    return {"from": before, "to": now, "differ": differ,
+            "shards_committed_before": len(lake.markers(run)),
+            "accepted_by": "allow_version_change (--allow-version-change)"}
 
 
 def _find_pixels(request: ExtractRequest, spec: ModelSpec, img_size: int) -> str | None:
@@ -269,7 +310,7 @@ def adapter_options(plan_: Plan) -> dict:
 
 
 def reference_threshold(lake: store.Lake, run: str, percentile: float = 0.98) -> float:
-    """The outlier threshold a reference run defines (DESIGN: outliers are a query)."""
+    """The outlier threshold a reference run defines (outliers are a query: sql/views)."""
     known = {r["run"] for r in lake.runs()}
     if run not in known:
         raise store.UnknownRun(run, known, detail=f"--outlier-ref names no complete run of "

@@ -1,8 +1,9 @@
 """Many processes, one run: shards are the unit of work and each process owns whole shards.
 
 Locally a process pool; on a cluster the same shard lists become a SLURM job array through
-submitit. Every shard is deterministic and its slots depend only on its index, so the lake is the
-same whatever the number of workers.
+submitit, each task a `ShardWork` that plans the run on its node and resumes from the markers when
+it is requeued. Every shard is deterministic and its slots depend only on its index, so the lake
+is the same whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -16,13 +17,30 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tokenlake import store
 from tokenlake.extract._loop import open_writer, work
-from tokenlake.extract._plan import Plan
+from tokenlake.extract._plan import ExtractRequest, Plan, plan
 
 
 def shard_groups(pending: list[int], n: int) -> list[list[int]]:
     """Round-robin, so every worker gets early and late shards alike."""
     return [g for g in (pending[i::n] for i in range(n)) if g]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardWork:
+    """A cluster task: these shards of the run, planned on the task's node (a pickled request
+    is small; a plan holds every input of the subset). Committed shards are skipped."""
+
+    request: ExtractRequest
+    shards: tuple[int, ...]
+
+    def __call__(self, *, log=print) -> str:
+        p = plan(self.request)
+        open_writer(p)  # refuses a run made with another configuration before a model is built
+        work(p, list(self.shards), log=log)
+        done = open_writer(p).committed()
+        return f"run {p.run}: {sum(s in done for s in self.shards)} of {len(self.shards)} shards"
 
 
 def _worker(p: Plan, shards: list[int]) -> dict:
@@ -43,8 +61,7 @@ def run_parallel(p: Plan, *, log=print) -> None:
     if not groups:
         return
     if p.request.executor == "slurm":
-        jobs = _submit_slurm(p, groups, log=log)
-        _watch(p, writer, [job.result for job in jobs], lambda: all(j.done() for j in jobs))
+        _run_slurm(p, groups, log=log)
         return
     context = multiprocessing.get_context("spawn")  # CUDA and fork do not mix
     with cf.ProcessPoolExecutor(max_workers=len(groups), mp_context=context) as pool:
@@ -69,20 +86,25 @@ def _watch(p: Plan, writer, results, finished) -> None:
         bar.close()
 
 
-def _submit_slurm(p: Plan, groups: list[list[int]], *, log) -> list:
-    import submitit
+def _run_slurm(p: Plan, groups: list[list[int]], *, log) -> None:
+    """The groups as one job array (checkpointable tasks, retried as `tokenlake run` does);
+    returns once every task succeeded, and the caller commits the manifest."""
+    from tokenlake.extract._cluster import ClusterStep, Driver
+    from tokenlake.extract._records import Submission
+    from tokenlake.extract._slurmopts import request_options
 
-    opts = p.request.slurm
-    folder = Path(p.request.lake) / "slurm" / p.run
-    executor = submitit.AutoExecutor(folder=folder, cluster=opts.get("cluster", "slurm"))
-    params = {"timeout_min": opts.get("time_min", 240), "tasks_per_node": 1, "nodes": 1,
-              "gpus_per_node": opts.get("gpus", 1), "cpus_per_task": opts.get("cpus", 8),
-              "slurm_array_parallelism": opts.get("array_parallelism", len(groups)),
-              "name": f"tokenlake-{p.run}"}
-    if opts.get("partition"):
-        params["slurm_partition"] = opts["partition"]
-    executor.update_parameters(**params)
-    jobs = executor.map_array(_worker, [p] * len(groups), groups)
-    log(f"submitted {len(jobs)} SLURM tasks for {p.run} (logs in {folder}); "
-        "rerun the same command to resume if they are interrupted")
-    return jobs
+    opts = request_options(p.request.slurm)
+    request = dataclasses.replace(p.request, quiet=True)
+    step = ClusterStep(id=f"extract.{p.run}", command=f"tokenlake extract ... --run {p.run}",
+                       tasks=[ShardWork(request, tuple(g)) for g in groups], gpu=True)
+    sub = Submission.create(Path(p.request.lake), steps=[step], executor="slurm",
+                            cluster=opts.cluster, wait=True, file=None, options=opts.to_json())
+    log(f"run {p.run}: {len(groups)} tasks through submitit ({opts.cluster}); records and logs "
+        f"in {sub.dir}; rerun the same command to resume if they are interrupted")
+    try:
+        ok = Driver(sub, [step], opts, log=log).run()
+    finally:
+        sub.end()
+    if not ok:
+        raise store.LakeError(f"run {p.run}: some tasks failed (logs above); rerun the same "
+                              "command to resume from the shards they committed")

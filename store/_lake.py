@@ -84,6 +84,12 @@ class Lake:
             raise UnknownRun(run, complete, detail=detail)
         return _check_version(read_json(p), p)
 
+    def run_config(self, run: str) -> dict[str, Any] | None:
+        """The config a run was begun with (runs/RUN/config.json), complete or partial; None when
+        no run of that name has one yet."""
+        p = self.path / "runs" / run / "config.json"
+        return read_json(p) if _RUN_NAME.match(run) and p.exists() else None
+
     def markers(self, run: str) -> dict[int, dict[str, Any]]:
         """Commit markers of a run's committed shards, by shard index."""
         d = self._run_dir(run) / "shards"

@@ -13,10 +13,13 @@ import pyarrow.compute as pc
 
 from tokenlake.store._errors import ContractError
 from tokenlake.store._layout import ArraySpec
-from tokenlake.store._schema import TABLE_SCHEMAS, conform
+from tokenlake.store._schema import TABLE_SCHEMAS, conform, to_arrow
 from tokenlake.store._writer import RunWriter
 
 TOKEN_ARRAYS = ("tokens", "pixels")
+# images columns that are functions of the tokens table: derived when left out, checked when given
+SUMMARY_COLUMNS = ("n_tokens", "max_patch_norm", "mean_patch_norm")
+SUMMARY_RTOL = 1e-5  # float32 means summed in another order differ by a few ulps
 
 
 def write_run(
@@ -39,9 +42,13 @@ def write_run(
     calling again with the same manifest is a no-op, with a different one raises RunExists.
     `final_norm` (store/_finalnorm.py) is the model's final norm; without it the run's output
     tokens (`Lake.gather(..., tokens="post")`) are unavailable.
+
+    The per-image summaries `images.n_tokens`, `max_patch_norm` and `mean_patch_norm` are
+    functions of `tokens`: a column left out is derived from it, a given one must agree with it
+    (ContractError naming the first image that does not, before anything is written).
     """
-    images = conform(images, "images")
     tokens = conform(tokens, "tokens")
+    images = conform(with_image_summaries(images, tokens), "images")
     errors = conform(
         errors if errors is not None else TABLE_SCHEMAS["errors"].empty_table(), "errors"
     )
@@ -138,3 +145,74 @@ def write_run(
     if final_norm is not None:
         writer.write_final_norm(final_norm)
     return writer.commit(manifest)
+
+
+def with_image_summaries(images: Any, tokens: pa.Table) -> pa.Table:
+    """`images` (any table `conform` accepts) with SUMMARY_COLUMNS derived from `tokens` (a
+    conformed tokens table) where absent, or checked where given: n_tokens = the image's token
+    rows; max/mean_patch_norm = max/mean of its patch tokens' norm (NULL without patch tokens)."""
+    images = to_arrow(images, "images")
+    if "image_id" not in images.column_names:
+        return images  # conform names the missing column
+    ids = images.column("image_id").to_numpy(zero_copy_only=False).astype(np.int64)
+    if np.unique(ids).size != ids.size:
+        raise ContractError("images.image_id: duplicate ids; each image is one row")
+    derived = _summaries(ids, tokens)
+    for name in SUMMARY_COLUMNS:
+        want, valid = derived[name]
+        if name not in images.column_names:
+            images = images.append_column(name, pa.array(want, mask=~valid))
+            continue
+        col = images.column(name)
+        if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)
+                or pa.types.is_null(col.type)):
+            continue  # conform names the wrong type
+        if col.null_count == len(col) and not valid.any():
+            continue
+        given_valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
+        given = pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(np.float64)
+        if name == "n_tokens":
+            agree = given_valid & (given == want)
+        else:
+            agree = (given_valid == valid) & (
+                ~valid | np.isclose(given, want, rtol=SUMMARY_RTOL, atol=0.0))
+        if not agree.all():
+            k = int(np.flatnonzero(~agree)[0])
+            got = f"{given[k]:.9g}" if given_valid[k] else "NULL"
+            if name == "n_tokens":
+                truth = f"it has {int(want[k])} token rows"
+            else:
+                stat = name.split("_")[0]
+                truth = (f"the {stat} of its patch tokens' norm is {want[k]:.9g}" if valid[k]
+                         else "it has no patch token")
+            raise ContractError(
+                f"images.{name} disagrees with the tokens table for {int((~agree).sum())} "
+                f"image(s) (e.g. image_id {ids[k]}: {name} {got}, but {truth}); leave the "
+                f"column out and write_run derives it"
+            )
+    return images
+
+
+def _summaries(ids: np.ndarray, tokens: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> (values, valid) per row of `ids`: token rows, and patch-norm max and mean."""
+    n = len(ids)
+    order = np.argsort(ids, kind="stable")
+
+    def rows_of(image_id: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+        t = image_id.to_numpy()
+        pos = np.minimum(np.searchsorted(ids[order], t), max(n - 1, 0))
+        known = (ids[order][pos] == t) if n else np.zeros(len(t), bool)
+        return order[pos[known]], known
+
+    row, _ = rows_of(tokens.column("image_id"))
+    count = np.bincount(row, minlength=n).astype(np.int64)
+    patch = tokens.filter(pc.equal(tokens.column("kind"), "patch"))
+    agg = patch.group_by("image_id").aggregate([("norm", "max"), ("norm", "mean")])
+    prow, known = rows_of(agg.column("image_id"))
+    mx, mean, valid = np.zeros(n), np.zeros(n), np.zeros(n, bool)
+    mx[prow] = agg.column("norm_max").to_numpy()[known]
+    mean[prow] = agg.column("norm_mean").to_numpy()[known]
+    valid[prow] = True
+    return {"n_tokens": (count.astype(np.int32), np.ones(n, bool)),
+            "max_patch_norm": (mx.astype(np.float32), valid),
+            "mean_patch_norm": (mean.astype(np.float32), valid)}

@@ -6,16 +6,16 @@ import argparse
 
 import pytest
 
-from tokenlake.analyze.testing import planted_run
 from tokenlake.cli import _analyze_cmd
 from tokenlake.store import write_run
+from tokenlake.store.testing import synthetic_run
 
 
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory):
     root = tmp_path_factory.mktemp("lake")
-    write_run(root, "same", **planted_run(blocks=2))
-    write_run(root, "rnd", **planted_run(attention="elsewhere", random_weights=True, seed=3,
+    write_run(root, "same", **synthetic_run(blocks=2))
+    write_run(root, "rnd", **synthetic_run(attention="elsewhere", random_weights=True, seed=3,
                                           model="deit3_m", params=38_000_000))
     return root
 

@@ -7,18 +7,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from tokenlake import analyze
-from tokenlake.analyze.testing import OUTLIER_CELLS, planted_run
 from tokenlake.store import open_lake, write_run
+from tokenlake.store.testing import OUTLIER_CELLS, synthetic_run
 
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     root = tmp_path_factory.mktemp("lake")
     runs = {
-        "same": planted_run(blocks=3),
-        "elsewhere": planted_run(attention="elsewhere", model="dinov2_g", params=1_100_000_000,
+        "same": synthetic_run(blocks=3),
+        "elsewhere": synthetic_run(attention="elsewhere", model="dinov2_g", params=1_100_000_000,
                                  random_weights=True, seed=1),
-        "nopix": planted_run(store="prefix", model="clip_b", params=86_000_000, seed=2),
+        "nopix": synthetic_run(store="prefix", model="clip_b", params=86_000_000, seed=2),
     }
     for name, r in runs.items():
         write_run(root, name, shard_size=4, **r)
@@ -204,9 +204,7 @@ def test_runs_and_percentile_parameters(planted, tmp_path):
 
 def test_size_survives_two_runs_with_equal_params_and_values(tmp_path):
     """Two runs of one model on the same data tie on (params, value): the plot must not crash."""
-    from tokenlake.analyze.testing import planted_run
-
     for name in ("twin_a", "twin_b"):
-        write_run(tmp_path / "lake", name, shard_size=4, **planted_run())
+        write_run(tmp_path / "lake", name, shard_size=4, **synthetic_run())
     res = analyze.size(open_lake(tmp_path / "lake"), out=tmp_path / "out")
     assert len(res["rows"]) == 2 and (tmp_path / "out" / "size.png").exists()

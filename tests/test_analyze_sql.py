@@ -8,7 +8,7 @@ import pytest
 
 from tokenlake import sql as tsql
 from tokenlake.store import open_lake, write_run
-from tokenlake.store.testing import synthetic_run
+from tokenlake.store.testing import synthetic_run, tiny_run
 
 OURS = ["analysis_thresholds", "attn_norm_overlap", "attn_topk_agreement", "block_grid", "block_images", "common_images",
         "images_by_source", "neighbour_histogram", "neighbour_stats", "norm_histogram",
@@ -18,8 +18,8 @@ OURS = ["analysis_thresholds", "attn_norm_overlap", "attn_topk_agreement", "bloc
 @pytest.fixture(scope="module")
 def known(tmp_path_factory):
     root = tmp_path_factory.mktemp("lake")
-    runs = {"a": synthetic_run(n_inputs=7, error_ids=(2,), seed=4),
-            "c": synthetic_run(n_inputs=4, seed=5, n_reg=0)}
+    runs = {"a": tiny_run(n_images=6, error_ids=(2,), seed=4),
+            "c": tiny_run(n_images=4, seed=5, n_reg=0)}
     runs["c"]["manifest"]["outlier_ref"] = "a"
     for name, r in runs.items():
         write_run(root, name, shard_size=3, **r)
@@ -79,13 +79,15 @@ def test_separated_share_finds_a_small_far_group_and_not_a_heavy_tail(tmp_path):
     cases = {"far": np.concatenate([bulk, rng.normal(3.7, 0.1, 200)]),
              "tail": rng.gumbel(3.0, 0.1, 10000)}
     for name, lx in cases.items():
-        r = synthetic_run(n_inputs=1, grid=100, n_reg=0)
+        r = tiny_run(n_images=1, grid=100, n_reg=0)
         t = r["tokens"]
         norm = t.column("norm").to_numpy().copy()
         patch = (t.column("kind").to_numpy(zero_copy_only=False) == "patch")
         norm[patch] = np.exp(lx)
         r["tokens"] = t.set_column(t.schema.get_field_index("norm"), "norm",
                                    pa.array(norm, pa.float32()))
+        # new norms: the per-image summaries are left for write_run to derive
+        r["images"] = r["images"].drop_columns(["max_patch_norm", "mean_patch_norm"])
         write_run(tmp_path, name, **r)
     got = {g["run"]: g for g in q(open_lake(tmp_path), "norm_summary", ["far", "tail"], 0.98)}
     assert got["far"]["bc_log"] < 5 / 9 and got["far"]["separated_share"] > 0.015
@@ -174,9 +176,7 @@ def test_attn_norm_overlap(known):
 def test_blocks_queries_empty_without_blocks_and_exact_with(known, tmp_path):
     lk, _ = known
     assert q(lk, "block_images", ["a", "c"]) == [] and q(lk, "block_grid", "a", [0]) == []
-    from tokenlake.analyze.testing import planted_run
-
-    write_run(tmp_path, "b", **planted_run(n_images=2, blocks=2))
+    write_run(tmp_path, "b", **synthetic_run(n_images=2, blocks=2))
     lk2 = open_lake(tmp_path)
     assert q(lk2, "block_images", ["b"]) == [{"run": "b", "image_id": 0, "n_blocks": 2, "has_qkv": True},
                                              {"run": "b", "image_id": 1, "n_blocks": 2, "has_qkv": True}]

@@ -18,10 +18,9 @@ from tokenlake import sql as tsql
 from tokenlake.analyze._cards import FIELDS, card_table
 from tokenlake.analyze._common import family_of
 from tokenlake.analyze._neurons import detection_block, emergence
-from tokenlake.analyze.testing import planted_run
 from tokenlake.cli.main import main
 from tokenlake.store import open_lake, write_neurons, write_run
-from tokenlake.store.testing import synthetic_run
+from tokenlake.store.testing import synthetic_run, tiny_run
 
 EMERGE_AT, DEPTH = 3, 6
 
@@ -30,7 +29,7 @@ def _noisy(seed: int, **kw) -> dict:
     """A synthetic run whose attention follows the norm only partly (hits and misses), with tied
     and NULL attention values, so the top-k agreement is neither 0 nor 1, and a tie at the top
     decided by the token order (outliers by the run's own threshold)."""
-    r = synthetic_run(n_reg=1, grid=6, seed=seed, **kw)
+    r = tiny_run(n_reg=1, grid=6, seed=seed, **kw)
     t = r["tokens"]
     rng = np.random.default_rng(seed)
     norm = t.column("norm").to_numpy().astype(np.float64)
@@ -68,11 +67,11 @@ def _ranking(run: str, rows: list[tuple[int | None, int, int, float]]) -> pa.Tab
 def lake(tmp_path_factory):
     root = tmp_path_factory.mktemp("lake")
     runs = {
-        "noisy": _noisy(7, n_inputs=12, error_ids=(4,)),
-        "noisy-ref": _noisy(8, n_inputs=9),  # outliers by noisy's threshold
-        "emerge": planted_run(blocks=DEPTH, emerge_at=EMERGE_AT, seed=1),
-        "twin": planted_run(seed=2, outlier_norm=80.0),  # same model and weights, no ranking
-        "flat-random": planted_run(model="deit3_s", random_weights=True, norms="gaussian",
+        "noisy": _noisy(7, n_images=11, error_ids=(4,)),
+        "noisy-ref": _noisy(8, n_images=9),  # outliers by noisy's threshold
+        "emerge": synthetic_run(blocks=DEPTH, emerge_at=EMERGE_AT, seed=1),
+        "twin": synthetic_run(seed=2, outlier_norm=80.0),  # same model and weights, no ranking
+        "flat-random": synthetic_run(model="deit3_s", random_weights=True, norms="gaussian",
                                    outlier_cells=(), attention="elsewhere", seed=3),
     }
     runs["noisy-ref"]["manifest"]["outlier_ref"] = "noisy"
@@ -219,7 +218,7 @@ def test_emergence_is_the_first_block_whose_median_exceeds_the_threshold(lake):
 def test_emergence_needs_the_median_strictly_above(tmp_path):
     """2401 patches: the 98th percentile is exactly the 2353rd smallest norm (a float32), so a
     block whose median at the outliers equals it is not above; the next block is."""
-    r = planted_run(n_images=1, grid=49, n_reg=0, blocks=1, seed=4)
+    r = synthetic_run(n_images=1, grid=49, n_reg=0, blocks=1, seed=4)
     t = r["tokens"].to_pandas()
     x = t.loc[t.kind == "patch", "norm"].to_numpy(np.float64)
     thr = np.percentile(x, 98)
@@ -258,7 +257,7 @@ def test_neuron_columns_from_a_written_ranking(lake):
 
 def test_own_ranking_before_another_runs(tmp_path):
     for name in ("a", "b"):
-        write_run(tmp_path, name, **planted_run(seed=5))
+        write_run(tmp_path, name, **synthetic_run(seed=5))
     write_neurons(tmp_path, "a", _ranking("a", [(1, 0, 1, 2.0)]))
     write_neurons(tmp_path, "b", _ranking("b", [(1, 3, 9, 2.0)]))
     got = {r["run"]: r for r in open_lake(tmp_path).sql("SELECT * FROM cards").to_pylist()}
@@ -328,8 +327,8 @@ def test_cli_errors_exit_2(lake, capsys, tmp_path):
     root, _ = lake
     assert main(["cards", "--lake", str(root), "--runs", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
-    assert main(["cards", "--lake", str(root), "--output", str(tmp_path / "x")]) == 2
-    assert "--output goes with --format csv or json" in capsys.readouterr().err
+    assert main(["cards", "--lake", str(root), "--output", str(tmp_path)]) == 2  # a folder
+    assert f"cannot write {tmp_path}: Is a directory" in capsys.readouterr().err
     assert main(["cards", "--lake", str(tmp_path / "missing")]) == 2
     assert "no lake at" in capsys.readouterr().err
 
@@ -347,6 +346,6 @@ def test_report_section_and_figure(lake, tmp_path):
     assert "| flat-random [RANDOM WEIGHTS] | deit3_s | deit3 | 22.0M |" in section
     assert "| emerge | dinov2_s | dinov2 | 22.0M |" in section and "b2:n7, b1:n3, b2:n0" in section
     html = (tmp_path / "report.html").read_text()
-    cards_html = html.split('<section id="cards">')[1].split("</section>")[0]
+    cards_html = html.split('<h2 id="outlier-cards">')[1].split("<h2")[0]
     assert "data:image/png;base64," in cards_html and "Outlier cards" in html
     assert "tokenlake cards --lake" in md  # the command that rebuilds it

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +10,6 @@ from PIL import Image, ImageFile
 
 from tokenlake.extract import testing as images
 from tokenlake.extract._decode import DecodedImage, ImageRejected, decode_image
-
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 
 
 @pytest.mark.parametrize("case", sorted(images.CASES))
@@ -167,10 +164,8 @@ def test_missing_and_directory_inputs_rejected(tmp_path):
     assert exc.value.reason == "empty file"
 
 
-def test_real_imagenet_sample_all_decode():
-    if not SAMPLE.is_dir():
-        pytest.skip(f"{SAMPLE} not present")
-    files = sorted(p for p in SAMPLE.iterdir() if p.suffix.lower() in {".jpeg", ".jpg"})
+def test_real_imagenet_sample_all_decode(imagenet_sample):
+    files = sorted(p for p in imagenet_sample.iterdir() if p.suffix.lower() in {".jpeg", ".jpg"})
     assert len(files) == 500
     modes = {}
     for p in files:

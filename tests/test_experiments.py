@@ -234,3 +234,76 @@ def test_plan_uses_the_committed_gpu_results_else_design(tmp_path, monkeypatch, 
     _experiments.print_plan(exp, None)
     out = capsys.readouterr().out
     assert str(_experiments.GPU_RESULTS) in out and "measured on NVIDIA H200" in out
+
+
+def test_entries_are_checked_when_the_file_is_loaded(tmp_path):
+    head = '[subsets.a]\ndata = "x"\n[[runs]]\nmodel = "pvt_b0"\nsubset = "a"\nrun = "r"\n'
+    for text, message in (
+            ('[[analyses]]\nname = "colours"\n', "name must be one of maps"),
+            ('[[analyses]]\nname = "norms"\nrun = "r"\n', r"unknown key\(s\) \['run'\]"),
+            ('[[analyses]]\nname = "norms"\npercentile = 98\n', r"percentile must be in \(0, 1\)"),
+            ('[[probes]]\nname = "position"\nrun = "r"\ntarget = "centred"\n',
+             "target does not apply to probe position"),
+            ('[[probes]]\nname = "position"\nrun = "r"\nmomentum = 0.9\n',
+             "unknown key 'momentum' for probe position"),
+            ('[[probes]]\nname = "classify"\nrun = "r"\ndevice = "cuda"\n', "--device"),
+            ('[[probes]]\nname = "heads"\nrun = "r"\n', "heads needs run with head"),
+            ('[[probes]]\nname = "sweep"\nrun = "r"\ntops = "ten"\n', "tops must be numbers"),
+            ('[[probes]]\nname = "reconstruct"\n', "probe reconstruct needs run"),
+            ("[report]\nformat = 'pdf'\n", r"\[report\] has unknown key\(s\) \['format'\]"),
+            ('[colours]\n', r"unknown section\(s\) \['colours'\]")):
+        bad = tmp_path / "bad.toml"
+        bad.write_text(head + text)
+        with pytest.raises((ValueError, TypeError), match=message):
+            _experiments.load(bad)
+    bad.write_text(head.replace('run = "r"', 'run = "r"\nrecord_mlp = true\n'
+                                '[runs.neurons]\nmethod = "jiang"\nlimit = 3'))
+    with pytest.raises(ValueError, match=r"neurons has unknown key\(s\) \['limit'\]"):
+        _experiments.load(bad)
+    good = tmp_path / "good.toml"
+    good.write_text(head + '[[probes]]\nname = "sweep"\nrun = "r"\ntops = [10, 5]\nlrs = "1e-3,1e-2"'
+                    '\n[[probes]]\nname = "heads"\nrun_without = "r"\nhead_without = "h.pth"\n'
+                    '[report]\nsubset = "a"\n')
+    exp = _experiments.load(good)
+    assert exp.report == {"subset": "a"}
+    from tokenlake.cli._entries import probe_calls
+
+    (call,) = probe_calls(exp.probes[0], device="cpu", quiet=True)
+    assert call == ("sweep", ("r",), {"device": "cpu", "quiet": True, "force": False,
+                                      "tops": (10.0, 5.0), "lrs": (1e-3, 1e-2)})
+    assert probe_calls(exp.probes[1], device=None, quiet=False) == [
+        ("heads", ("r", "h.pth"), {"device": None, "quiet": False, "force": False})]
+
+
+def test_the_papers_steps_wait_for_what_they_read(tmp_path):
+    from tokenlake.cli._steps import build
+
+    exp = _experiments.load(PAPER)
+    steps = build(exp, lake=tmp_path, device=None, quiet=True)
+    order = {s.id: i for i, s in enumerate(steps)}
+    by_id = {s.id: s for s in steps}
+    for s in steps:
+        assert all(order[n] < order[s.id] for n in s.needs), s.id
+    for run in exp.runs:
+        needs = by_id[f"extract.{run.name()}"].needs
+        if run.outlier_ref:
+            assert f"extract.{run.outlier_ref}" in needs
+        if run.test_time_registers:
+            assert f"neurons.{run.test_time_registers.rpartition(':')[0]}" in needs
+        if run.record_mlp:
+            assert by_id[f"neurons.{run.name()}"].needs == (f"extract.{run.name()}",)
+    stores = [s for s in steps if s.kind == "pixels"]
+    assert len(stores) == len(exp.stores())
+    for store_step, spec in zip(stores, exp.stores()):
+        for run in spec.runs:
+            assert store_step.id in by_id[f"extract.{run}"].needs
+    table3 = by_id["probe.2.classify.dinov2_s-518-train200k"]
+    assert set(table3.needs) == {"extract.dinov2_s-518-train200k", "extract.dinov2_s-518-val5k"}
+    assert table3.command.startswith("tokenlake probe classify --lake")
+    assert "--test-run dinov2_s-518-val5k" in table3.command
+    (analysis,) = [s for s in steps if s.kind == "analyze"]
+    assert len(analysis.needs) == len(exp.runs)
+    # a reference neither made by the file nor in the lake is refused before anything runs
+    exp.runs = [r for r in exp.runs if r.name() != "dinov2_s-518-val5k"]
+    with pytest.raises(ValueError, match="outlier_ref 'dinov2_s-518-val5k', which is neither"):
+        build(exp, lake=tmp_path, device=None, quiet=True)

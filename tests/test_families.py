@@ -259,7 +259,7 @@ def test_adapter_matches_independent_computation(fam):
 
 @torch.no_grad()
 def test_attention_is_fp32_under_bf16_autocast(fam):
-    """Under autocast, `.float()` operands of a matmul are re-cast to bf16 (MODELS.md): the
+    """Under autocast, `.float()` operands of a matmul are re-cast to bf16 (docs/MODELS.md): the
     adapter's attention must equal the fp32 softmax of the very q, k (and post tokens) the bf16
     forward produced."""
     model = copy.deepcopy(fam.network)

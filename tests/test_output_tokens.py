@@ -13,7 +13,7 @@ import torch
 from tokenlake.cli.main import main
 from tokenlake.extract import create_backbone, resolve_model, resolve_weights
 from tokenlake.store import LakeError, RunConfigMismatch, open_lake, write_run
-from tokenlake.store.testing import synthetic_run
+from tokenlake.store.testing import tiny_run
 
 MODELS = {"dinov2_s_reg4": 56, "swinv2_t": 64, "pvt_b0": 64}
 
@@ -101,7 +101,7 @@ def test_pvt_stores_the_aligned_cell_and_records_the_receptive_field(lake):
 
 
 def test_run_without_final_norm_names_what_to_reextract(tmp_path):
-    write_run(tmp_path, "old", **synthetic_run(n_inputs=2))
+    write_run(tmp_path, "old", **tiny_run(n_images=2))
     db = open_lake(tmp_path)
     assert db.gather("old", [0, 1]).dtype == np.float16  # pre tokens still read
     with pytest.raises(LakeError, match=r"no saved final-norm parameters.*tokenlake extract .*"
@@ -112,7 +112,7 @@ def test_run_without_final_norm_names_what_to_reextract(tmp_path):
 
 
 def test_write_run_saves_and_checks_the_final_norm(tmp_path):
-    kw = synthetic_run(n_inputs=2)
+    kw = tiny_run(n_images=2)
     dim = kw["arrays"]["tokens"].shape[1]
     rng = np.random.default_rng(0)
     w, b = rng.normal(size=dim).astype(np.float32), rng.normal(size=dim).astype(np.float32)

@@ -1,4 +1,5 @@
-"""The folders install as tokenlake.*, never as generic top-level modules (PACKAGING.md)."""
+"""The folders install as tokenlake.*, never as generic top-level modules (docs/DESIGN-NOTES.md,
+"Packaging"). tests/test_install.py checks the built wheel."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import importlib.util
 
 import pytest
 
-FOLDERS = ("extract", "store", "sql", "analyze", "probes", "cli")
+FOLDERS = ("extract", "store", "sql", "analyze", "probes", "cli", "experiments")
 
 
 @pytest.mark.parametrize("name", FOLDERS)
@@ -32,3 +33,10 @@ def test_console_script_is_declared():
 
     scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
     assert scripts.get("tokenlake") == "tokenlake.cli.main:entry"
+
+
+def test_experiment_files_ship_as_package_data():
+    from tokenlake.experiments import experiment_names, experiment_path
+
+    assert {"paper", "beyond", "demo"} <= set(experiment_names())
+    assert all(experiment_path(name).read_text().strip() for name in experiment_names())

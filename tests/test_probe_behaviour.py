@@ -12,8 +12,8 @@ import torch
 from tokenlake import probes
 from tokenlake.cli import _probe_cmd
 from tokenlake.probes import ProbeError
-from tokenlake.probes._synthetic import planted_run
 from tokenlake.store import LakeError, open_lake
+from tokenlake.store.testing import probe_run
 
 SMALL = {"max_epochs": 4, "lrs": (1e-2,)}
 
@@ -21,7 +21,7 @@ SMALL = {"max_epochs": 4, "lrs": (1e-2,)}
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory):
     path = tmp_path_factory.mktemp("probe_behaviour")
-    planted_run(path, "small", n_images=60, grid=4, seed=5)
+    probe_run(n_images=60, grid=4, seed=5).write(path, "small")
     return path
 
 
@@ -82,7 +82,7 @@ def test_killed_probe_leaves_nothing_visible(lake, monkeypatch):
 
 
 def test_error_without_embeddings(tmp_path):
-    planted_run(tmp_path, "summary", n_images=20, store_patches=False)
+    probe_run(n_images=20, store="prefix").write(tmp_path, "summary")
     with pytest.raises(ProbeError, match="stores no patch-token embeddings"):
         probes.position(tmp_path, "summary", quiet=True)
     assert _probe_cmd.main(["probe", "reconstruct", "--lake", str(tmp_path), "--run", "summary",
@@ -90,13 +90,13 @@ def test_error_without_embeddings(tmp_path):
 
 
 def test_error_without_outliers(tmp_path):
-    planted_run(tmp_path, "flat", n_images=20, all_outlier_free=True)
+    probe_run(n_images=20, p_outlier=0.0).write(tmp_path, "flat")
     with pytest.raises(ProbeError, match="no usable outlier"):
         probes.classify(tmp_path, "flat", quiet=True)
 
 
 def test_error_without_labels(tmp_path):
-    planted_run(tmp_path, "nolabel", n_images=20, labels=False)
+    probe_run(n_images=20, labels=False).write(tmp_path, "nolabel")
     with pytest.raises(ProbeError, match="no image labels"):
         probes.classify(tmp_path, "nolabel", quiet=True)
 
@@ -107,7 +107,7 @@ def test_registers_needs_registers(lake):
 
 
 def test_heads_matches_plain_torch(tmp_path):
-    info = planted_run(tmp_path, "val", n_images=200, n_classes=10, seed=11)
+    info = probe_run(n_images=200, n_classes=10, seed=11).write(tmp_path, "val").truth
     lk = open_lake(tmp_path)
     ids = np.arange(200)
     cls = torch.from_numpy(lk.image_array("val", "cls_post", ids))
@@ -170,7 +170,7 @@ def test_tokens_recorded(lake, tmp_path):
     assert sw["config"]["tokens"] == "pre"
     with pytest.raises(ProbeError, match="tokens must be one of"):
         probes.position(lake, "small", quiet=True, tokens="output", **SMALL)
-    planted_run(tmp_path, "reg", n_images=40, grid=4, n_reg=2, seed=2)
+    probe_run(n_images=40, grid=4, n_reg=2, seed=2).write(tmp_path, "reg")
     head = tmp_path / "head.pth"
     torch.save(torch.nn.Linear(32, 4).state_dict(), head)
     assert probes.heads(tmp_path, "reg", head, quiet=True)["config"]["tokens"] == "post"
@@ -181,7 +181,7 @@ def test_tokens_recorded(lake, tmp_path):
 def test_post_tokens_of_a_run_without_final_norm(tmp_path, capsys):
     """A run written before final norms were saved: tokens='post' is the store's error (naming
     the re-extraction), never a silent fallback; tokens='pre' still works."""
-    planted_run(tmp_path, "old", n_images=30, grid=4, final_norm=None)
+    probe_run(n_images=30, grid=4, final_norm=None).write(tmp_path, "old")
     for fn in (probes.position, probes.reconstruct, probes.classify, probes.sweep):
         with pytest.raises(LakeError, match=r"no saved final-norm.*tokenlake extract"):
             fn(tmp_path, "old", quiet=True, **SMALL)
@@ -212,9 +212,9 @@ def test_patch_index_flags_are_the_outliers_view(tmp_path):
     `outliers` view's, also for a run whose threshold comes from another run."""
     from tokenlake.probes import _data
 
-    planted_run(tmp_path, "ref", n_images=30, grid=8, norm_scale=0.5, seed=3)  # threshold 5
-    planted_run(tmp_path, "s", n_images=30, grid=4, unstored=0.5, seed=4,
-                manifest_extra={"outlier_ref": "ref"})
+    probe_run(n_images=30, grid=8, norm_scale=0.5, seed=3).write(tmp_path, "ref")  # threshold 5
+    probe_run(n_images=30, grid=4, unstored=0.5, seed=4,
+              manifest_extra={"outlier_ref": "ref"}).write(tmp_path, "s")
     db = open_lake(tmp_path)
     for run in ("ref", "s"):
         idx = _data.patch_index(db, run, need_outliers=False)

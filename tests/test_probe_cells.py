@@ -12,8 +12,8 @@ from tokenlake import probes
 from tokenlake.cli import _probe_cmd
 from tokenlake.extract._preprocess import token_cells
 from tokenlake.probes import ProbeError, _cells, _data
-from tokenlake.probes._synthetic import planted_run
 from tokenlake.store import open_lake
+from tokenlake.store.testing import probe_run
 
 SMALL = {"max_epochs": 4, "lrs": (1e-2,)}
 PVT = {"family": "pvt", "rf_offset": -16}  # a run written now: aligned cells, rf 16 px up-left
@@ -33,7 +33,7 @@ def _images(db, run, grid, cell):
 def test_centred_cells_equal_the_cells_cut_from_the_image(tmp_path):
     """PVT geometry (32 px cells, receptive field 16 px up-left): the centred cell assembled from
     a token's and its neighbours' aligned cells is the image's cell cut at offset -16."""
-    planted_run(tmp_path, "pvt", n_images=3, grid=3, patch=32, layout=PVT, seed=1)
+    probe_run(n_images=3, grid=3, patch=32, layout=PVT, seed=1).write(tmp_path, "pvt")
     db = open_lake(tmp_path)
     info = _data.run_info(db, "pvt")
     plan = _cells.plan_cells(db, "pvt", info, "centred")
@@ -65,7 +65,7 @@ def test_centred_cells_of_an_image_the_grid_overhangs():
 def test_pvt_targets_aligned_by_default_centred_on_request(tmp_path):
     """The planted tokens carry their aligned pixels, so the aligned cells reconstruct well and
     the centred ones (three quarters from the neighbours) do not."""
-    planted_run(tmp_path, "pvt", n_images=150, grid=4, patch=4, layout={**PVT, "rf_offset": -2})
+    probe_run(n_images=150, grid=4, patch=4, layout={**PVT, "rf_offset": -2}).write(tmp_path, "pvt")
     hp = {"batch_size": 64}  # ~900 training tokens: enough steps to converge
     aligned = probes.reconstruct(tmp_path, "pvt", quiet=True, **hp)
     centred = probes.reconstruct(tmp_path, "pvt", target="centred", quiet=True, **hp)
@@ -80,7 +80,7 @@ def test_pvt_targets_aligned_by_default_centred_on_request(tmp_path):
 
 
 def test_vit_targets_coincide(tmp_path):
-    planted_run(tmp_path, "vit", n_images=40, grid=4)
+    probe_run(n_images=40, grid=4).write(tmp_path, "vit")
     a = probes.reconstruct(tmp_path, "vit", quiet=True, **SMALL)
     c = probes.reconstruct(tmp_path, "vit", target="centred", quiet=True, **SMALL)
     assert a["metrics"] == c["metrics"] and c["config"]["target"] == "centred"
@@ -89,8 +89,8 @@ def test_vit_targets_coincide(tmp_path):
 
 
 def test_old_pvt_run_stores_centred_cells_and_refuses_aligned(tmp_path):
-    planted_run(tmp_path, "oldpvt", n_images=40, grid=4, patch=4,
-                layout={"family": "pvt", "pixel_offset": -2})
+    probe_run(n_images=40, grid=4, patch=4,
+              layout={"family": "pvt", "pixel_offset": -2}).write(tmp_path, "oldpvt")
     with pytest.raises(ProbeError, match=r"pixel_offset -2.*tokenlake extract .*--run oldpvt-v3"
                                          r".*--target centred"):
         probes.reconstruct(tmp_path, "oldpvt", quiet=True)
@@ -100,8 +100,8 @@ def test_old_pvt_run_stores_centred_cells_and_refuses_aligned(tmp_path):
 
 
 def test_centred_cells_need_the_neighbours_stored(tmp_path):
-    planted_run(tmp_path, "sampled", n_images=40, grid=4, patch=4, unstored=0.3,
-                layout={**PVT, "rf_offset": -2})
+    probe_run(n_images=40, grid=4, patch=4, unstored=0.3,
+              layout={**PVT, "rf_offset": -2}).write(tmp_path, "sampled")
     with pytest.raises(ProbeError, match="lack a stored up/left neighbour.*--target aligned"):
         probes.reconstruct(tmp_path, "sampled", target="centred", quiet=True, **SMALL)
     assert probes.reconstruct(tmp_path, "sampled", quiet=True, **SMALL)["metrics"]["normal"]["n"]
@@ -110,7 +110,7 @@ def test_centred_cells_need_the_neighbours_stored(tmp_path):
 
 
 def test_cli_target(tmp_path, capsys):
-    planted_run(tmp_path, "pvt", n_images=30, grid=4, patch=4, layout={**PVT, "rf_offset": -2})
+    probe_run(n_images=30, grid=4, patch=4, layout={**PVT, "rf_offset": -2}).write(tmp_path, "pvt")
     rc = _probe_cmd.main(["probe", "reconstruct", "--lake", str(tmp_path), "--run", "pvt",
                           "--target", "centred", "--quiet", "--max-epochs", "2", "--json"])
     res = json.loads(capsys.readouterr().out)

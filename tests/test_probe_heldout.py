@@ -13,8 +13,8 @@ import pytest
 from tokenlake import probes
 from tokenlake.cli import _experiments, _probe_cmd
 from tokenlake.probes import ProbeError
-from tokenlake.probes._synthetic import planted_run
 from tokenlake.store import open_lake
+from tokenlake.store.testing import probe_run
 
 PAPER = Path(__file__).resolve().parents[1] / "experiments" / "paper.toml"
 
@@ -26,14 +26,14 @@ def lake(tmp_path_factory):
     rule every patch is an outlier; by the training run's rule only the planted ones are."""
     path = tmp_path_factory.mktemp("heldout")
     model = {"seed": 0, "grid": 8, "n_classes": 4}
-    planted_run(path, "lowref", n_images=20, image_seed=9, norm_scale=0.1, source_prefix="x/",
-                **model)
-    planted_run(path, "train", n_images=300, image_seed=1, source_prefix="train/", **model)
-    truth = planted_run(path, "val", n_images=120, image_seed=2, source_prefix="val/",
-                        manifest_extra={"outlier_ref": "lowref"}, **model)
-    planted_run(path, "seen", n_images=40, image_seed=3, source_prefix="train/", **model)
-    planted_run(path, "other", n_images=40, image_seed=4, source_prefix="o/",
-                manifest_extra={"weights_sha256": "f" * 64}, **model)
+    probe_run(n_images=20, image_seed=9, norm_scale=0.1, source_prefix="x/",
+              **model).write(path, "lowref")
+    probe_run(n_images=300, image_seed=1, source_prefix="train/", **model).write(path, "train")
+    truth = probe_run(n_images=120, image_seed=2, source_prefix="val/",
+                      manifest_extra={"outlier_ref": "lowref"}, **model).write(path, "val").truth
+    probe_run(n_images=40, image_seed=3, source_prefix="train/", **model).write(path, "seen")
+    probe_run(n_images=40, image_seed=4, source_prefix="o/",
+              manifest_extra={"weights_sha256": "f" * 64}, **model).write(path, "other")
     return path, truth
 
 

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from tokenlake import probes
-from tokenlake.probes._synthetic import planted_run
 from tokenlake.store import open_lake
+from tokenlake.store.testing import probe_run
 
 
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory):
     path = tmp_path_factory.mktemp("probe_lake")
-    planted_run(path, "planted", n_images=300, grid=8, patch=2, n_reg=2, seed=0)
+    probe_run(n_images=300, grid=8, patch=2, n_reg=2, seed=0).write(path, "planted")
     return path
 
 
@@ -63,8 +63,8 @@ def test_registers_signal_only_in_registers(lake):
 
 
 def test_sweep_higher_norm_more_position(tmp_path):
-    planted_run(tmp_path, "graded", n_images=200, grid=8, p_outlier=0.05, graded_noise=5.0,
-                random_weights=True, seed=3)
+    probe_run(n_images=200, grid=8, p_outlier=0.05, norms="uniform", graded_noise=5.0,
+              random_weights=True, seed=3).write(tmp_path, "graded")
     r = probes.sweep(tmp_path, "graded", quiet=True)
     rows = {t["top_pct"]: t for t in r["table"]}
     assert list(rows) == [50.0, 40.0, 30.0, 20.0, 10.0, 5.0, 2.0]
@@ -90,15 +90,15 @@ def test_results_in_sql_view(lake):
 
 
 def test_empty_probe_results_view(tmp_path):
-    planted_run(tmp_path, "x", n_images=10, seed=1)
+    probe_run(n_images=10, seed=1).write(tmp_path, "x")
     assert open_lake(tmp_path).sql("SELECT count(*) AS n FROM probe_results").column(0)[0].as_py() == 0
 
 
 def test_probes_read_the_output_tokens(tmp_path):
     """Stored tokens scaled by a random factor each (in [1/8, 8]), output tokens (a LayerNorm with
     a non-trivial affine) free of it: the pixels are linear in the output tokens only."""
-    planted_run(tmp_path, "scaled", n_images=200, grid=8, seed=0, final_norm="layer_norm",
-                token_scale=8.0)
+    probe_run(n_images=200, grid=8, seed=0, final_norm="layer_norm",
+              token_scale=8.0).write(tmp_path, "scaled")
     post = probes.reconstruct(tmp_path, "scaled", quiet=True)  # default: output tokens
     pre = probes.reconstruct(tmp_path, "scaled", tokens="pre", quiet=True)
     base = post["metrics"]["normal"]["mean_patch_l2"]
@@ -110,12 +110,12 @@ def test_probes_read_the_output_tokens(tmp_path):
 def test_output_tokens_lose_what_the_final_norm_erases(tmp_path):
     """A final norm whose weight is 0 on the position/class dimensions: the output tokens carry
     neither, the stored ones both. Outliers still come from the (pre-norm) norm column."""
-    dim = 20 + 2 * 2 * 3  # planted_run: pos_dim + patch * patch * 3
+    dim = 20 + 2 * 2 * 3  # probe_run: pos_dim + patch * patch * 3
     w = np.ones(dim, np.float32)
     w[:20] = 0.0
-    planted_run(tmp_path, "erase", n_images=200, grid=8, seed=0,
-                final_norm={"type": "layer_norm", "dim": dim, "eps": 1e-6, "weight": w,
-                            "bias": np.zeros(dim, np.float32)})
+    probe_run(n_images=200, grid=8, seed=0,
+              final_norm={"type": "layer_norm", "dim": dim, "eps": 1e-6, "weight": w,
+                            "bias": np.zeros(dim, np.float32)}).write(tmp_path, "erase")
     pos = {t: probes.position(tmp_path, "erase", tokens=t, quiet=True, max_epochs=10)
            for t in ("post", "pre")}
     assert pos["post"]["metrics"]["normal"]["top1"] < 10.0  # chance 1.6 %; measured 2.7

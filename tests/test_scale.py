@@ -1,4 +1,5 @@
-"""Shards as the unit of work: 1 worker, 2 workers and a submitit job array give the same lake."""
+"""Shards as the unit of work: 1 worker, 2 workers and a submitit job array give the same lake;
+a cluster task resumes from the markers."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import numpy as np
 import pytest
 
 from tokenlake.extract import ExtractRequest, draw_subset, extract, open_source
-from tokenlake.extract._scale import shard_groups
-from tokenlake.store import open_lake, write_subset
+from tokenlake.extract._job import commit_run
+from tokenlake.extract._scale import ShardWork, shard_groups
+from tokenlake.store import LakeError, open_lake, write_subset
 
 RUN = "pvt_b0-64-tiny-random"
 
@@ -65,5 +67,24 @@ def test_submitit_job_array_path(tmp_path, folder):
     manifest = extract(_request(lake, workers=3, executor="slurm", slurm={"cluster": "local"}),
                        log=lambda _t: None)
     assert manifest["executor"] == "slurm" and manifest["n_images"] == 9
-    assert list((lake / "slurm" / RUN).glob("*_submitted.pkl"))
+    (sub,) = (lake / ".tokenlake" / "jobs").iterdir()  # the runner's records, as `tokenlake run`
+    assert len(list((sub / "logs" / f"extract.{RUN}").glob("*_submitted.pkl"))) == 3
+    for task in ("0", "1", "2"):
+        events = sorted(p.name for p in (sub / "tasks" / f"extract.{RUN}.{task}").iterdir())
+        assert [e.split(".")[2] for e in events] == ["started", "done"]
     assert open_lake(lake).validate() == []
+
+
+def test_a_shard_task_resumes_from_the_markers(tmp_path, folder):
+    """What a requeued task does: the shards already committed are skipped, not rewritten."""
+    lake = _lake(tmp_path / "lake", folder)
+    request = _request(lake)
+    assert ShardWork(request, (0, 2))() == f"run {RUN}: 2 of 2 shards"
+    marker = lake / "runs" / RUN / "shards" / "s00000.json"
+    written = marker.stat().st_mtime_ns
+    assert ShardWork(request, (0, 2, 4))() == f"run {RUN}: 3 of 3 shards"
+    assert marker.stat().st_mtime_ns == written
+    with pytest.raises(LakeError, match="shards"):  # the manifest waits for every shard
+        commit_run(request)
+    ShardWork(request, (1, 3, 5))()
+    assert commit_run(request)["n_shards"] == 6

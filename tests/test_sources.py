@@ -14,8 +14,6 @@ from tokenlake.extract._decode import ImageRejected, decode_image
 from tokenlake.extract._sources import Source, SourceError, open_source
 from tokenlake.extract._subsets import SUBSET_SCHEMA, draw_subset
 
-SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
-
 
 @pytest.fixture
 def cache(tmp_path):
@@ -227,10 +225,8 @@ def test_local_parquet_repo_goes_through_load_dataset(tmp_path, cache):
     assert _outcome(src.record(0).data) == ("ok", 10, 8)
 
 
-def test_real_imagenet_sample_folder(cache):
-    if not SAMPLE.is_dir():
-        pytest.skip(f"{SAMPLE} not present")
-    src = open_source(str(SAMPLE), cache_dir=cache)
+def test_real_imagenet_sample_folder(cache, imagenet_sample):
+    src = open_source(str(imagenet_sample), cache_dir=cache)
     assert src.num_rows == 500 and src.label_names is None  # flat folder; labels.csv is no input
     ids = [r.source_id for r in src.records(range(src.num_rows))]
     assert ids == sorted(ids) and all(i.endswith(".JPEG") for i in ids)

@@ -8,12 +8,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from tokenlake.store import ReadOnlyQuery, open_lake, write_run
+from tokenlake.store.testing import tiny_run
 
 
 @pytest.fixture
-def lake(tmp_path, synthetic_run):
+def lake(tmp_path):
     root = tmp_path / "lake"
-    write_run(root, "r", **synthetic_run())
+    write_run(root, "r", **tiny_run())
     outside = tmp_path / "outside.parquet"
     pq.write_table(pa.table({"secret": [42]}), outside)
     return open_lake(root), outside

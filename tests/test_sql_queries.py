@@ -7,16 +7,15 @@ import pytest
 
 from tokenlake import sql as tsql
 from tokenlake.store import open_lake, write_run
+from tokenlake.store.testing import tiny_run
 
 
 @pytest.fixture(scope="module")
 def known(tmp_path_factory):
-    from tokenlake.store.testing import synthetic_run
-
     root = tmp_path_factory.mktemp("lake")
     runs = {
-        "a": synthetic_run(n_inputs=7, error_ids=(2,), seed=4),
-        "c": synthetic_run(n_inputs=4, seed=5, n_reg=0),
+        "a": tiny_run(n_images=6, error_ids=(2,), seed=4),
+        "c": tiny_run(n_images=4, seed=5, n_reg=0),
     }
     for name, r in runs.items():
         write_run(root, name, shard_size=3, **r)

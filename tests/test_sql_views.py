@@ -8,6 +8,7 @@ import pytest
 
 from tokenlake import sql as tsql
 from tokenlake.store import open_lake, write_run
+from tokenlake.store.testing import tiny_run
 
 
 def _blocks(r) -> pa.Table:
@@ -30,11 +31,9 @@ def _blocks(r) -> pa.Table:
 def known(
     tmp_path_factory,
 ):
-    from tokenlake.store.testing import synthetic_run
-
     root = tmp_path_factory.mktemp("lake")
-    ref = synthetic_run(n_inputs=6, error_ids=(4,), seed=1, model="ref")
-    b = synthetic_run(n_inputs=5, seed=2, model="b")
+    ref = tiny_run(n_images=5, error_ids=(4,), seed=1, model="ref")
+    b = tiny_run(n_images=5, seed=2, model="b")
     b["manifest"]["outlier_ref"] = "ref"
     write_run(root, "ref", shard_size=2, **ref)
     write_run(root, "b", blocks=_blocks(b), **b)

@@ -18,6 +18,7 @@ from tokenlake.store import (
     write_run,
     write_subset,
 )
+from tokenlake.store.testing import tiny_run
 
 
 def _set(t: pa.Table, name: str, values) -> pa.Table:
@@ -25,8 +26,8 @@ def _set(t: pa.Table, name: str, values) -> pa.Table:
 
 
 @pytest.fixture
-def r(synthetic_run):
-    return synthetic_run(n_inputs=4)
+def r():
+    return tiny_run(n_images=4)
 
 
 def test_wrong_column_type(tmp_path, r):
@@ -101,7 +102,7 @@ def test_image_id_not_in_shard(tmp_path, r):
 
 def test_tokens_must_match_images(tmp_path, r):
     tokens = r["tokens"].slice(0, 80)  # last image loses a token
-    with pytest.raises(ValueError, match=r"image_id 3: 17 rows, n_tokens 21"):
+    with pytest.raises(ContractError, match=r"image_id 3: n_tokens 21, but it has 17 token rows"):
         write_run(tmp_path, "x", **{**r, "tokens": tokens})
     with pytest.raises(ContractError, match="appear in both images and errors"):
         write_run(

@@ -7,11 +7,12 @@ import pytest
 import zarr
 
 from tokenlake.store import LakeError, open_lake, write_run
+from tokenlake.store.testing import tiny_run
 
 
 @pytest.fixture
-def written(tmp_path, synthetic_run):
-    r = synthetic_run(n_inputs=23, error_ids=(5, 17), dim=16, seed=3)
+def written(tmp_path):
+    r = tiny_run(n_images=21, error_ids=(5, 17), dim=16, seed=3)
     write_run(tmp_path, "g", shard_size=4, **r)
     return open_lake(tmp_path), r
 

@@ -20,6 +20,7 @@ from tokenlake.store import (
     open_lake,
     write_run,
 )
+from tokenlake.store.testing import tiny_run
 
 SS = 4  # shard_size
 
@@ -70,8 +71,8 @@ def _snapshot(run_dir: Path) -> dict[str, bytes]:
     }
 
 
-def test_rewrite_after_crash_is_byte_identical(tmp_path, synthetic_run):
-    r = synthetic_run(n_inputs=8, error_ids=(6,))
+def test_rewrite_after_crash_is_byte_identical(tmp_path):
+    r = tiny_run(n_images=7, error_ids=(6,))
     w = _writer(tmp_path / "a", r)
     m1 = w.write_shard(1, **_shard(r, 1))
     first = _snapshot(w.dir)
@@ -87,8 +88,8 @@ def test_rewrite_after_crash_is_byte_identical(tmp_path, synthetic_run):
         w.write_shard(1, **_shard(r, 1))
 
 
-def test_uncommitted_work_is_invisible(tmp_path, synthetic_run):
-    r = synthetic_run(n_inputs=8)
+def test_uncommitted_work_is_invisible(tmp_path):
+    r = tiny_run(n_images=8)
     w = _writer(tmp_path, r)
     w.write_shard(0, **_shard(r, 0))
     w.write_shard(1, **_shard(r, 1))
@@ -122,8 +123,8 @@ def test_uncommitted_work_is_invisible(tmp_path, synthetic_run):
     assert lk.validate() == []
 
 
-def test_validate_detects_corruption(tmp_path, synthetic_run):
-    r = synthetic_run(n_inputs=8)
+def test_validate_detects_corruption(tmp_path):
+    r = tiny_run(n_images=8)
     write_run(tmp_path, "v", shard_size=SS, **r)
     lk = open_lake(tmp_path)
     assert lk.validate() == []
@@ -141,8 +142,8 @@ def test_validate_detects_corruption(tmp_path, synthetic_run):
     assert len(problems) == 2
 
 
-def test_config_mismatch_and_run_exists(tmp_path, synthetic_run):
-    r = synthetic_run(n_inputs=8)
+def test_config_mismatch_and_run_exists(tmp_path):
+    r = tiny_run(n_images=8)
     _writer(tmp_path, r, config={"model": "a", "img_size": 224, "seed": 1})
     with pytest.raises(
         RunConfigMismatch, match=r"\['img_size', 'seed'\].*--run NEW_NAME or delete runs/w"
@@ -164,8 +165,8 @@ def _contend(lake, r, barrier, out):
         out.put(todo)
 
 
-def test_two_processes_same_shard(tmp_path, synthetic_run):
-    r = synthetic_run(n_inputs=8)
+def test_two_processes_same_shard(tmp_path):
+    r = tiny_run(n_images=8)
     _writer(tmp_path, r)
     ctx = mp.get_context("fork")
     barrier, out = ctx.Barrier(2), ctx.Queue()

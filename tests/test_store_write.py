@@ -6,15 +6,24 @@ import duckdb
 import numpy as np
 import pandas as pd
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tokenlake.store import SCHEMA_VERSION, TABLE_SCHEMAS, UnknownRun, open_lake, write_run
+from tokenlake.store import (
+    SCHEMA_VERSION,
+    TABLE_SCHEMAS,
+    ContractError,
+    UnknownRun,
+    open_lake,
+    write_run,
+)
+from tokenlake.store.testing import tiny_run
 
 
 @pytest.fixture
-def lake(tmp_path, synthetic_run):
-    r = synthetic_run(n_inputs=4, error_ids=(2,))
+def lake(tmp_path):
+    r = tiny_run(n_images=3, error_ids=(2,))
     write_run(tmp_path, "toy-224-tiny", **r)
     return open_lake(tmp_path), r
 
@@ -73,11 +82,48 @@ def test_unknown_run_suggests_names(lake):
         lk.manifest("toy-224-tiyn")
 
 
-def test_write_run_accepts_polars_and_is_idempotent(tmp_path, synthetic_run):
-    r = synthetic_run(n_inputs=5)
+def test_write_run_accepts_polars_and_is_idempotent(tmp_path):
+    r = tiny_run(n_images=5)
     args = {**r, "images": pl.from_arrow(r["images"]), "tokens": pl.from_arrow(r["tokens"])}
     p1 = write_run(tmp_path, "pl-run", shard_size=2, **args)
     before = p1.read_bytes()
     assert write_run(tmp_path, "pl-run", shard_size=2, **args) == p1
     assert p1.read_bytes() == before
     assert open_lake(tmp_path).sql("SELECT count(*) AS n FROM images").column("n")[0].as_py() == 5
+
+
+def test_write_run_derives_the_image_summaries(tmp_path):
+    """A user bringing tokens from elsewhere leaves n_tokens, max_patch_norm and mean_patch_norm
+    out: write_run derives them from the tokens table, equal to what extraction computes."""
+    r = tiny_run(n_images=5, error_ids=(1,), seed=2)
+    full = r["images"]
+    bare = full.drop_columns(["n_tokens", "max_patch_norm", "mean_patch_norm"])
+    write_run(tmp_path, "bare", **{**r, "images": pl.from_arrow(bare)}, shard_size=2)
+    got = open_lake(tmp_path).sql("SELECT * EXCLUDE (run) FROM images ORDER BY image_id")
+    assert got.column_names == full.column_names
+    tok = r["tokens"].to_pandas()
+    p = tok[tok.kind == "patch"].groupby("image_id").norm
+    assert got.column("n_tokens").to_pylist() == tok.groupby("image_id").size().tolist() == [21] * 5
+    np.testing.assert_array_equal(got.column("max_patch_norm").to_numpy(), p.max().to_numpy())
+    np.testing.assert_allclose(got.column("mean_patch_norm").to_numpy(),
+                               p.apply(lambda x: x.to_numpy(np.float64).mean()), rtol=1e-6)
+    # the generator's own (given) columns agree, so writing them is accepted as well
+    write_run(tmp_path, "given", **r)
+
+
+@pytest.mark.parametrize("column, value, why", [
+    ("n_tokens", 20, "image_id 3: n_tokens 20, but it has 21 token rows"),
+    ("max_patch_norm", 1e4, "image_id 3: max_patch_norm 10000, but the max of its patch tokens"),
+    ("mean_patch_norm", None, "image_id 3: mean_patch_norm NULL, but the mean of its patch"),
+])
+def test_write_run_refuses_summaries_that_disagree_with_the_tokens(tmp_path, column, value, why):
+    r = tiny_run(n_images=4)
+    images = r["images"]
+    col = images.column(column).to_pylist()
+    col[3] = value
+    images = images.set_column(images.schema.get_field_index(column), column,
+                               pa.array(col, images.schema.field(column).type))
+    with pytest.raises(ContractError, match=rf"images\.{column} disagrees with the tokens table "
+                                            rf"for 1 image\(s\) \(e\.g\. {why}.*leave the column out"):
+        write_run(tmp_path, "x", **{**r, "images": images})
+    assert not (tmp_path / "runs" / "x").exists()  # refused before anything is written

@@ -15,17 +15,21 @@ from tokenlake.analyze import _verdicts as V
 from tokenlake.analyze._common import RunInfo, run_info
 from tokenlake.analyze._probes import T1, T3, T4, paper_tables
 from tokenlake.analyze._roles import NATIVE_UNKNOWN, select_roles
-from tokenlake.analyze.testing import OUTLIER_CELLS, planted_probe_result, planted_run
 from tokenlake.store import open_lake, write_run
-from tokenlake.store.testing import synthetic_run
+from tokenlake.store.testing import (
+    OUTLIER_CELLS,
+    synthetic_probe_result,
+    synthetic_run,
+    tiny_run,
+)
 
 VAL = "val5k"
-N_PRE = 2  # planted runs: cls + one register
+N_PRE = 2  # synthetic runs: cls + one register
 
 
 def add(root, name, **kw):
     kw.setdefault("subset", VAL)
-    write_run(root, name, **planted_run(**kw))
+    write_run(root, name, **synthetic_run(**kw))
 
 
 def value(v: float) -> dict:
@@ -69,20 +73,20 @@ def lakes(tmp_path_factory):
     add(root, "sr", model="dinov2_s_reg4", params=22_000_000, outlier_norm=30.0, seed=3)
     add(root, "flat", model="deit3_s", params=22_000_000, norms="gaussian", outlier_cells=(),
         seed=5)
-    planted_probe_result(root, "g", "position", config={"tokens": "post"},
+    synthetic_probe_result(root, "g", "position", config={"tokens": "post"},
                          values={("normal", "top1"): 45.0, ("outlier", "top1"): 7.0})
-    planted_probe_result(root, "g", "reconstruct",
+    synthetic_probe_result(root, "g", "reconstruct",
                          values={("normal", "l2"): 300.0, ("outlier", "l2"): 900.0})
     out = tmp_path_factory.mktemp("report")
     base = analyze.report(root, out=out / "base")
     for name, kw in EXTRA.items():
         add(root, name, **kw)
     for run in ("g-800", "a-g-random"):  # failing probes on runs that are not canonical
-        planted_probe_result(root, run, "position",
+        synthetic_probe_result(root, run, "position",
                              values={("normal", "top1"): 5.0, ("outlier", "top1"): 50.0})
-    planted_probe_result(root, "g-keep", "classify",  # no --test-run: its own images
+    synthetic_probe_result(root, "g-keep", "classify",  # no --test-run: its own images
                          values={("normal", "top1"): 70.0, ("outlier", "top1"): 50.0})
-    planted_probe_result(root, "s", "heads", values={("image", "top1"): 80.0})
+    synthetic_probe_result(root, "s", "heads", values={("image", "top1"): 80.0})
     full = analyze.report(root, out=out / "full")
     return root, out, base, full
 
@@ -115,7 +119,8 @@ def test_report_lists_left_out_runs_with_reasons(lakes):
     assert "| g | dinov2_g | pretrained | canonical for claims 1, 2, 3, 4 (Tables 1-2), 5" in roles_md
     assert f"| g-old | dinov2_g | pretrained | left out of claims 1-3, 4 (Tables 1-2), 5 (artifacts): {NATIVE_UNKNOWN} |" in roles_md
     html = (out / "full" / "report.html").read_text()
-    assert 'id="roles"' in html and "Runs and their role in the verdicts" in html
+    assert '<h2 id="runs-and-their-role-in-the-verdicts">Runs and their role in the verdicts</h2>' \
+        in html and '<a href="#runs-and-their-role-in-the-verdicts">' in html
 
 
 def test_probe_results_left_out_with_their_reason(lakes):
@@ -138,7 +143,7 @@ def test_claim1_topk_agreement_on_planted_runs(lakes):
     per = base["verdicts"][V.C1]["runs"]
     assert per["g"]["verdict"] == V.HOLDS and "top-k agreement 1 (3 of 3 outliers" in per["g"]["numbers"]
     # c: the attention peak sits in image 1, so image 0's top-3 attention is its uniform noise
-    p = planted_run(model="clip_b", params=86_000_000, attention="elsewhere", seed=2)
+    p = synthetic_run(model="clip_b", params=86_000_000, attention="elsewhere", seed=2)
     tok = p["tokens"].to_pandas()
     img0 = tok[(tok.image_id == 0) & (tok.kind == "patch")]
     top3 = img0.sort_values(["attn", "token"], ascending=[False, True]).token[:3]
@@ -173,12 +178,12 @@ def test_random_only_lake_is_never_evidence(tmp_path):
     for name, model in (("rs-eval", "dinov2_s"), ("rsr-eval", "dinov2_s_reg4")):
         add(root, name, model=model, subset="val50k", config={"preprocess": "dinov2-eval"},
             n_images=2, **kw)
-    planted_probe_result(root, "rg", "position",
+    synthetic_probe_result(root, "rg", "position",
                          values={("normal", "top1"): 45.0, ("outlier", "top1"): 7.0})
-    planted_probe_result(root, "rg", "classify", config={"test_run": "rs"},
+    synthetic_probe_result(root, "rg", "classify", config={"test_run": "rs"},
                          values={("normal", "top1"): 50.0, ("outlier", "top1"): 68.0})
-    planted_probe_result(root, "rs-eval", "heads", values={("image", "top1"): 81.0})
-    planted_probe_result(root, "rsr-eval", "heads", values={("image", "top1"): 82.0})
+    synthetic_probe_result(root, "rs-eval", "heads", values={("image", "top1"): 81.0})
+    synthetic_probe_result(root, "rsr-eval", "heads", values={("image", "top1"): 82.0})
     res = analyze.report(root, out=tmp_path / "r")
     assert res["claims"] == {c: V.RANDOM for c in (V.C1, V.C2, V.C3, V.C4, V.C5)}
     for claim in res["verdicts"].values():
@@ -282,28 +287,28 @@ def probe_lake(tmp_path_factory):
             run = f"dinov2_{k}{suffix}-eval"
             add(root, run, model=f"dinov2_{k}{suffix}", subset="val50k",
                 config={"preprocess": "dinov2-eval"}, **small)
-            planted_probe_result(root, run, "heads", values={("image", "top1"): v})
+            synthetic_probe_result(root, run, "heads", values={("image", "top1"): v})
     add(root, "dinov2_g-own", model="dinov2_g", subset="val50k", **small)
-    planted_probe_result(root, "dinov2_g-own", "heads", values={("image", "top1"): 80.0})
+    synthetic_probe_result(root, "dinov2_g-own", "heads", values={("image", "top1"): 80.0})
     add(root, "dinov2_s_reg4-tt", model="dinov2_s_reg4", subset="val50k",
         config={"preprocess": "dinov2-eval", "test_time_registers": {"k": 1}}, **small)
-    planted_probe_result(root, "dinov2_s_reg4-tt", "heads", values={("image", "top1"): 99.0})
+    synthetic_probe_result(root, "dinov2_s_reg4-tt", "heads", values={("image", "top1"): 99.0})
     add(root, "g-tt", model="dinov2_g", subset="trainpool",
         config={"keep_if_outlier": True, "test_time_registers": {"k": 1}}, **small)
-    planted_probe_result(root, "g", "position",  # an older result: no "tokens" in its config
+    synthetic_probe_result(root, "g", "position",  # an older result: no "tokens" in its config
                          values={("normal", "top1"): 45.0, ("outlier", "top1"): 7.0})
-    planted_probe_result(root, "g-800", "position",
+    synthetic_probe_result(root, "g-800", "position",
                          values={("normal", "top1"): 5.0, ("outlier", "top1"): 50.0})
     fail = {("normal", "top1"): 70.0, ("outlier", "top1"): 50.0}
     test_g = {"choices": {"test": {"run": "g", "n_images": 2}}}
-    h = {"own": planted_probe_result(root, "g-keep", "classify", values=fail),
-         "old": planted_probe_result(root, "g-keep", "classify", values=fail, **test_g,
+    h = {"own": synthetic_probe_result(root, "g-keep", "classify", values=fail),
+         "old": synthetic_probe_result(root, "g-keep", "classify", values=fail, **test_g,
                                      config={"test_run": "g", "tokens": "post", "lr": 1}),
-         "tt": planted_probe_result(root, "g-tt", "classify", values=fail, **test_g,
+         "tt": synthetic_probe_result(root, "g-tt", "classify", values=fail, **test_g,
                                     config={"test_run": "g"}),
-         "test800": planted_probe_result(root, "g-keep", "classify", values=fail,
+         "test800": synthetic_probe_result(root, "g-keep", "classify", values=fail,
                                          config={"test_run": "g-800"}),
-         "new": planted_probe_result(root, "g-keep", "classify", **test_g,
+         "new": synthetic_probe_result(root, "g-keep", "classify", **test_g,
                                      config={"test_run": "g", "tokens": "post"},
                                      values={("normal", "top1"): 50.0, ("outlier", "top1"): 68.0})}
     lk = open_lake(root)
@@ -358,7 +363,7 @@ def test_claim5_performance_sign_and_tolerance(probe_lake):
 def test_attn_topk_agreement_query_against_numpy(tmp_path):
     text = tsql.query_text("attn_topk_agreement")
     assert text.startswith("-- attn_topk_agreement:") and "Parameters:" in text and "Columns:" in text
-    r = synthetic_run(n_inputs=6, seed=3)
+    r = tiny_run(n_images=6, seed=3)
     t = r["tokens"]
     img = t.column("image_id").to_numpy()
     tok = t.column("token").to_numpy()
@@ -377,6 +382,7 @@ def test_attn_topk_agreement_query_against_numpy(tmp_path):
     attn[[o1[-1], low]] = 0.9
     null = np.zeros(len(attn), bool)
     null[np.flatnonzero(patch & ~out)[::7]] = True  # a NULL attn is never among the top k
+    null[low] = False  # the tie above needs both values
     r["tokens"] = t.set_column(t.schema.get_field_index("attn"), "attn",
                                pa.array(attn, pa.float32(), mask=null))
     write_run(tmp_path, "a", **r)
