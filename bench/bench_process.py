@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from bench_extract import _images  # the same photos as the loop benchmark; bench/ is on sys.path
 
 MODEL, PX, BATCH = "deit3_s", 224, 32
@@ -38,11 +37,14 @@ BARE = textwrap.dedent('''
     from timm.data import create_transform, resolve_model_data_config
 
     folder, name, px, batch = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    n = int(sys.argv[5])
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, img_size=px).eval()
     cfg = resolve_model_data_config(model)
     transform = create_transform(**cfg, is_training=False)
+    # the first n in name order: the images `tokenlake extract --limit n` takes
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
+    paths = paths[:n]
     with torch.inference_mode():
         for i in range(0, len(paths), batch):
             x = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths[i:i + batch]])
@@ -58,15 +60,16 @@ def _timed(cmd: list[str]) -> float:
 
 def run(*, out: Path, quick: bool) -> list[dict]:
     n = 24 if quick else 96
+    shutil.rmtree(out / "process", ignore_errors=True)  # exactly these n images, nothing older
     folder = _images(out / "process", n)
     script = out / "bare_forward.py"
     script.write_text(BARE)
     timm_name = "deit3_small_patch16_224"
     exe = Path(sys.executable).with_name("tokenlake")
     times: dict[str, list[float]] = {"bare": [], "tokenlake": []}
-    for k in range(2 if quick else 3):
+    for k in range(2 if quick else 5):
         times["bare"].append(_timed([sys.executable, str(script), str(folder), timm_name,
-                                     str(PX), str(BATCH)]))
+                                     str(PX), str(BATCH), str(n)]))
         lake = out / f"process-lake-{k}"
         shutil.rmtree(lake, ignore_errors=True)
         times["tokenlake"].append(_timed([str(exe), "extract", "--lake", str(lake), "--data",

@@ -6,9 +6,8 @@ import os
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 
@@ -19,6 +18,9 @@ from tokenlake.store._io import read_json
 from tokenlake.store._layout import ChunkFiles, RunLayout
 from tokenlake.store._schema import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION
 from tokenlake.store._validate import validate_run
+
+if TYPE_CHECKING:  # duckdb loads with the first query (0.2 s an extraction need not pay)
+    import duckdb
 
 _MAX_MAPS = 512  # each np.memmap holds a file descriptor; bound them
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

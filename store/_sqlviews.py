@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import duckdb
 import pyarrow as pa
 
 from tokenlake import sql as sqlpkg
@@ -14,6 +13,9 @@ from tokenlake.store._errors import ReadOnlyQuery
 from tokenlake.store._neurons import neurons_view
 from tokenlake.store._probes import probe_results_view
 from tokenlake.store._schema import TABLE_SCHEMAS
+
+if TYPE_CHECKING:  # imported by the functions that run SQL: writing a run never needs it
+    import duckdb
 
 _DUCK_TYPES = {
     pa.int64(): "BIGINT",
@@ -37,7 +39,6 @@ RUNS_COLUMNS = [
     ("threshold_run", "VARCHAR"),
 ]
 RUN_TABLES = ("images", "tokens", "errors", "blocks")
-_READ_ONLY = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 _COMMENTS = re.compile(r"^\s*(--[^\n]*\n|/\*.*?\*/|\s)*", re.DOTALL)
 _EXPLAIN = re.compile(r"^explain\s*(analy[sz]e\b\s*)?(\([^)]*\)\s*)?", re.IGNORECASE)
 
@@ -92,6 +93,8 @@ def _table_view(table: str, lake: Path, manifests: dict[str, dict[str, Any]]) ->
 
 def connect(lake: Path, manifests: dict[str, dict[str, Any]]) -> duckdb.DuckDBPyConnection:
     """A new in-memory connection: base views, the views of tokenlake.sql, then locked down."""
+    import duckdb
+
     con = duckdb.connect(":memory:")
     cols = ", ".join(f"{n} {t}" for n, t in RUNS_COLUMNS)
     con.execute(f"CREATE TABLE runs ({cols})")
@@ -113,6 +116,9 @@ def connect(lake: Path, manifests: dict[str, dict[str, Any]]) -> duckdb.DuckDBPy
 
 def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:
     """Refuse anything but SELECT / EXPLAIN SELECT (EXPLAIN ANALYZE runs its statement)."""
+    import duckdb
+
+    read_only = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
     stmts = con.extract_statements(query)
     if len(stmts) != 1:
         raise ReadOnlyQuery(f"tokenlake sql takes exactly one statement, got {len(stmts)}")
@@ -128,7 +134,7 @@ def check_read_only(con: duckdb.DuckDBPyConnection, query: str) -> None:
             raise ReadOnlyQuery(
                 "tokenlake sql is read-only: EXPLAIN is allowed on SELECT statements only"
             )
-    elif st.type not in _READ_ONLY:
+    elif st.type not in read_only:
         raise ReadOnlyQuery(
             f"tokenlake sql is read-only: {st.type.name} statements are refused; "
             f"only SELECT (and EXPLAIN SELECT) may run"
