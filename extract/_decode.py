@@ -21,7 +21,9 @@ Conventions (each a deliberate choice, so downstream numbers are comparable):
 from __future__ import annotations
 
 import io
+import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,13 +113,20 @@ def _open_input(data: bytes | str | Path) -> io.BytesIO | Path:
         raise TypeError(f"decode_image takes bytes or a path, got {type(data).__name__}")
     path = Path(data)
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
+        if path.is_symlink():
+            raise ImageRejected("dangling symlink", f"{path} -> {os.readlink(path)}") from None
         raise ImageRejected("file not found", str(path)) from None
     except OSError as e:
         raise ImageRejected("unreadable file", f"{path}: {e}") from None
-    if not path.is_file():
-        raise ImageRejected("unreadable file", f"{path}: not a regular file")
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageRejected("a directory, not an image file", str(path))
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the reader: never opened
+        kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "socket" if stat.S_ISSOCK(
+            st.st_mode) else "device or other special file"
+        raise ImageRejected(f"not a regular file ({kind})", str(path))
+    size = st.st_size
     if size == 0:
         raise ImageRejected("empty file", str(path))
     try:

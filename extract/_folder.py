@@ -17,6 +17,12 @@ the same files, in the same order, with the same labels as
 Folders holding a metadata file (``metadata.csv/jsonl/parquet``, which datasets reads into
 columns) or ``.zip`` archives (which it extracts) are not listed here: `open_source` sends them
 to datasets, which knows those formats.
+
+One deliberate difference: entries named like images that are not regular files — dangling
+symlinks, FIFOs, sockets, directories called ``x.jpg`` — are inputs here, where datasets skips
+them without a word; decoding rejects each with its reason, so it lands in the run's ``errors``
+table as every other unusable input does (a FIFO is never opened). They take no part in
+inferring labels (as in datasets); inside a class folder they get its label.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ METADATA_FILENAMES = frozenset({"metadata.csv", "metadata.jsonl", "metadata.parq
 class FolderListing:
     root: Path
     paths: list[str]  # POSIX paths relative to root, sorted
-    labels: list[int] | None  # per path, an index into label_names
+    labels: list[int | None] | None  # per path, an index into label_names
     label_names: list[str] | None
 
 
@@ -51,32 +57,36 @@ def _is_input(name: str) -> bool:
     return ext.lower() in IMAGE_EXTENSIONS or os.path.splitext(stem)[1].lower() in IMAGE_EXTENSIONS
 
 
-def walk(root: Path) -> Iterator[tuple[str, str]]:
-    """(relative POSIX path, file name) of every visible file under `root`."""
+def walk(root: Path) -> Iterator[tuple[str, str, bool]]:
+    """(relative POSIX path, name, is a regular file) of every visible entry under `root`:
+    files (symlinks to files included), other non-directory entries (dangling symlinks, FIFOs,
+    sockets) and directories named like images, which are also descended into."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith((".", "__"))]
         rel_dir = os.path.relpath(dirpath, root)
-        for name in filenames:
-            if name.startswith(".") or not os.path.isfile(os.path.join(dirpath, name)):
+        odd_dirs = [d for d in dirnames if _is_input(d)]
+        for name in [*filenames, *odd_dirs]:
+            if name.startswith("."):
                 continue
             rel = name if rel_dir == "." else f"{Path(rel_dir).as_posix()}/{name}"
-            yield rel, name
+            yield rel, name, os.path.isfile(os.path.join(dirpath, name))
 
 
 def has_images(root: Path) -> bool:
-    return any(_is_input(name) for _, name in walk(root))
+    return any(_is_input(name) for _, name, _ in walk(root))
 
 
 def list_folder(root: Path) -> FolderListing | None:
     """The folder's inputs and labels, or None when datasets must read it (metadata, archives)."""
     paths, parents, depths = [], set(), set()
-    for rel, name in walk(root):
-        if name in METADATA_FILENAMES or os.path.splitext(name)[1].lower() == ".zip":
+    for rel, name, regular in walk(root):
+        if regular and (name in METADATA_FILENAMES
+                        or os.path.splitext(name)[1].lower() == ".zip"):
             return None
         if not _is_input(name):
             continue
         paths.append(rel)
-        if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+        if regular and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
             # datasets counts the segments of the whole path and names the parent folder
             parents.add(os.path.basename(os.path.dirname(os.path.join(str(root), rel))))
             depths.add(rel.count("/"))
@@ -84,7 +94,7 @@ def list_folder(root: Path) -> FolderListing | None:
     if len(parents) > 1 and len(depths) == 1:
         names = sorted(parents)
         index = {n: k for k, n in enumerate(names)}
-        labels = [index[os.path.basename(os.path.dirname(os.path.join(str(root), p)))]
+        labels = [index.get(os.path.basename(os.path.dirname(os.path.join(str(root), p))))
                   for p in paths]
         return FolderListing(root, paths, labels, names)
     return FolderListing(root, paths, None, None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -158,7 +159,15 @@ def test_missing_and_directory_inputs_rejected(tmp_path):
     assert exc.value.reason == "file not found"
     with pytest.raises(ImageRejected) as exc:
         decode_image(tmp_path)
-    assert exc.value.reason == "unreadable file"
+    assert exc.value.reason == "a directory, not an image file"
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "never-was.jpg")
+    with pytest.raises(ImageRejected) as exc:
+        decode_image(tmp_path / "gone.jpg")
+    assert exc.value.reason == "dangling symlink"
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with pytest.raises(ImageRejected) as exc:  # never opened: a FIFO would block the reader
+        decode_image(tmp_path / "pipe.jpg")
+    assert exc.value.reason == "not a regular file (FIFO)"
     with pytest.raises(ImageRejected) as exc:
         decode_image(b"")
     assert exc.value.reason == "empty file"

@@ -361,3 +361,32 @@ def test_an_image_folder_extraction_never_imports_datasets(tmp_path):
             "print('datasets' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_entries_named_like_images_that_are_not_files_become_errors(tmp_path):
+    """datasets skips dangling symlinks, FIFOs and folders named like images without a word;
+    they are inputs here, each recorded in the run's errors with its reason."""
+    import os
+
+    from tokenlake.cli.main import main
+    from tokenlake.store import open_lake
+
+    root = tmp_path / "imgs"
+    images.write_flat_folder(root, n=3)
+    (root / "gone.jpg").symlink_to(root / "never-was.jpg")
+    os.mkfifo(root / "pipe.png")
+    (root / "album.jpg").mkdir()
+    (root / "album.jpg" / "inside.png").write_bytes(b"")  # listed, and rejected on its own
+    src = open_source(str(root))
+    ids = [r.source_id for r in src.records(range(src.num_rows))]
+    assert {"gone.jpg", "pipe.png", "album.jpg", "album.jpg/inside.png"} <= set(ids)
+    lake = tmp_path / "lake"
+    assert main(["extract", "--lake", str(lake), "--data", str(root), "--model", "pvt_b0",
+                 "--img-size", "64", "--weights", "random", "--decode-workers", "0",
+                 "--quiet"]) == 0
+    errors = {r["source_id"]: r["reason"] for r in open_lake(lake).sql(
+        "SELECT source_id, reason FROM errors").to_pylist()}
+    assert errors["gone.jpg"].startswith("dangling symlink")
+    assert errors["pipe.png"].startswith("not a regular file (FIFO)")
+    assert errors["album.jpg"].startswith("a directory, not an image file")
+    assert errors["album.jpg/inside.png"].startswith("empty file")
