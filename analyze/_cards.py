@@ -75,9 +75,11 @@ def card_table(lake: Any, *, runs: list[str] | str | None = None) -> pa.Table:
     infos = resolve_runs(lk, runs)
     if {i.run for i in infos} == {r["run"] for r in lk.runs()}:
         t = lk.sql("SELECT * FROM cards")
-    else:  # only `run = ?` reaches the scans (IN and list_contains do not): one query per run
-        t = pa.concat_tables([lk.sql("SELECT * FROM cards WHERE run = ?", params=[i.run])
-                              for i in infos])
+    else:  # the filter reaches every per-run branch: the other runs are never read
+        t = lk.sql("SELECT * FROM cards WHERE list_contains(?, run)",
+                   params=[[i.run for i in infos]])
+        order = {i.run: k for k, i in enumerate(infos)}
+        t = t.take(sorted(range(t.num_rows), key=lambda k: order[t.column("run")[k].as_py()]))
     return _with_manifest_columns(t, infos)
 
 

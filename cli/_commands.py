@@ -9,6 +9,7 @@ library, and `--help` loads none of them.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 import sys
 from pathlib import Path
@@ -101,15 +102,39 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", Path(text.rstrip("/")).name or text).strip("_").lower()
 
 
+def adhoc_subset_name(data: str, *, split: str | None, limit: int | None) -> str:
+    """The throwaway subset's name: the source's folder name for reading, then a digest of the
+    source itself (its absolute path, or the dataset name), the split and the limit, so two
+    folders with one basename never share a subset (subsets are write-once)."""
+    local = Path(data).expanduser()
+    source = str(local.resolve()) if local.exists() else data
+    digest = hashlib.sha256(f"{source}\0{split or ''}\0{limit or ''}".encode()).hexdigest()[:10]
+    return f"{_slug(data) or 'data'}-{'first' + str(limit) if limit else 'all'}-{digest}"
+
+
 def _adhoc_subset(args: argparse.Namespace) -> str:
-    """--data without --subset: a throwaway subset of the first N images, kept for provenance."""
+    """--data without --subset: a throwaway subset of the first N images, kept for provenance.
+    The same source again gives the same subset (a no-op); a source whose first N images
+    changed since is refused by write_subset (runs made from the old subset record it)."""
     from tokenlake import store
     from tokenlake.extract import draw_subset, open_source
 
     source = open_source(args.data, split=args.split)
     table = draw_subset(source, n=None, limit=args.limit)
-    name = f"{_slug(args.data)}-{'first' + str(args.limit) if args.limit else 'all'}"
-    store.write_subset(args.lake, name, table)
+    name = adhoc_subset_name(args.data, split=args.split, limit=args.limit)
+    path = Path(args.lake) / "subsets" / f"{name}.parquet"
+    try:
+        store.write_subset(args.lake, name, table)
+    except store.LakeError:
+        if not path.exists():
+            raise
+        which = f"first {args.limit} images" if args.limit else "images"
+        raise CommandError(
+            f"--data {args.data}: its {which} changed since subset {name!r} was drawn from "
+            "them, and runs made from that subset "
+            f"record its checksum. Draw a named subset (`tokenlake subset --lake {args.lake} "
+            f"--name NEW --data {args.data}{f' --limit {args.limit}' if args.limit else ''}`) "
+            f"and extract with --subset NEW, or delete {path} if no run uses it") from None
     return name
 
 
@@ -328,11 +353,18 @@ def validate(args: argparse.Namespace) -> int:
     for name in names:
         if name is not None and name not in known:  # a typo, not a damaged run
             raise store.UnknownRun(name, known)
-    problems = [p for name in names for p in lake.validate(name)]
+    quick = getattr(args, "quick", False)
+    # no run at all (an empty or non-lake folder): LakeError, one line, exit 2
+    problems = [p for name in names for p in lake.validate(name, quick=quick)]
     for problem in problems:
         print(problem)
-    print("ok: every committed shard matches its marker" if not problems
-          else f"{len(problems)} problem(s)")
+    if problems:
+        print(f"{len(problems)} problem(s)")
+    elif quick:
+        print("ok (quick: sizes, markers, manifests; nothing re-hashed): every committed shard's "
+              "files and chunks are present with their marker's sizes")
+    else:
+        print("ok: every committed shard matches its marker")
     return 1 if problems else 0
 
 

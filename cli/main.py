@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     _lake(p)
     p.add_argument("--runs", default=None,
                    help="comma list of runs to check (default: every run, partial ones too)")
+    p.add_argument("--quick", action="store_true",
+                   help="sizes, markers and manifests only, no re-hashing (routine use; the "
+                        "default re-hashes every file)")
     deprecated(p, "--run", "--runs", dest="runs")
     p.set_defaults(func=_commands.validate)
 

@@ -1,7 +1,10 @@
 """tokenlake.sql: the lake's SQL views and named queries, one statement per .sql file.
 
 Views are created, in `view_names()` order, on the confined DuckDB connection of
-`tokenlake.store.Lake` after the base views (runs, images, tokens, errors, blocks).
+`tokenlake.store.Lake` over the base views (BASE_VIEWS: runs, images, tokens, errors, blocks,
+threshold_norms, probe_results, neurons; store/SCHEMA.md, "SQL"). A view that reads one run's rows
+should reach the base views only through filters on `run` (or joins on it), so that DuckDB drops
+the other runs' branches unread: a damaged run raises only where a query reaches it.
 
 Each file opens with a comment header: `-- NAME: description`, then `Columns:` and
 `Parameters:`. A named query's parameters are positional (`$1`, `$2`, ...) and named in its
@@ -25,8 +28,10 @@ __all__ = ["BASE_VIEWS", "Param", "SqlInfo", "bind_params", "query_info", "query
 
 # Dependency order: each view may use the ones before it.
 _VIEWS = ("thresholds", "thresholds_at", "outliers", "emergence", "cards")
-# the views tokenlake.store makes over the run tables (store/SCHEMA.md), before those above
-BASE_VIEWS = ("runs", "images", "tokens", "errors", "blocks", "probe_results", "neurons")
+# the views tokenlake.store makes over the lake's files (store/SCHEMA.md), under those above;
+# threshold_norms: per run, the patch-token norms of its threshold run (run, threshold_run, norm)
+BASE_VIEWS = ("runs", "images", "tokens", "errors", "blocks", "threshold_norms", "probe_results",
+              "neurons")
 
 _SCALARS = {"VARCHAR": str, "DOUBLE": float, "FLOAT": float, "INTEGER": int, "BIGINT": int,
             "SMALLINT": int, "BOOLEAN": None}

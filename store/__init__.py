@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 # name -> the private module that defines it
 _EXPORTS = {
     "ContractError": "_errors",
+    "DamagedRun": "_errors",
     "LakeError": "_errors",
     "ReadOnlyQuery": "_errors",
     "RunConfigMismatch": "_errors",
@@ -49,6 +50,7 @@ __all__ = [
     "TOKEN_KINDS",
     "ArraySpec",
     "ContractError",
+    "DamagedRun",
     "Lake",
     "LakeError",
     "PixelStore",
@@ -93,6 +95,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and editors see
     from tokenlake.store._errors import (
         ContractError,
+        DamagedRun,
         LakeError,
         ReadOnlyQuery,
         RunConfigMismatch,

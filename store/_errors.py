@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 __all__ = [
     "ContractError",
+    "DamagedRun",
     "LakeError",
     "ReadOnlyQuery",
     "RunConfigMismatch",
@@ -48,6 +49,15 @@ class UnknownRun(LakeError, LookupError):
         else:
             msg += "; this lake has no complete runs"
         super().__init__(msg)
+        self.run = run
+
+
+class DamagedRun(LakeError):
+    """A query reached a run (or a probe result or ranking of one) whose files are missing or
+    unreadable; `run` names it (None when unknown). Queries that do not reach it still answer."""
+
+    def __init__(self, message: str, *, run: str | None = None) -> None:
+        super().__init__(message)
         self.run = run
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,10 +13,10 @@ import numpy as np
 import pyarrow as pa
 
 from tokenlake.store import _sqlviews
-from tokenlake.store._errors import LakeError, UnknownRun
+from tokenlake.store._errors import DamagedRun, LakeError, UnknownRun
 from tokenlake.store._finalnorm import TOKENS, apply_final_norm, read_final_norm
 from tokenlake.store._io import read_json
-from tokenlake.store._layout import ChunkFiles, RunLayout
+from tokenlake.store._layout import SHARD_NAME, ChunkFiles, RunLayout, shard_name, valid_name
 from tokenlake.store._schema import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION
 from tokenlake.store._validate import validate_run
 
@@ -23,7 +24,6 @@ if TYPE_CHECKING:  # duckdb loads with the first query (0.2 s an extraction need
     import duckdb
 
 _MAX_MAPS = 512  # each np.memmap holds a file descriptor; bound them
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def _check_version(meta: dict[str, Any], where: Path) -> dict[str, Any]:
@@ -52,7 +52,10 @@ class Lake:
         self._maps: OrderedDict[Path, np.memmap] = OrderedDict()
         self._chunk_files: dict[tuple[str, str], ChunkFiles] = {}
         self._layouts: dict[str, RunLayout] = {}
-        self._con: duckdb.DuckDBPyConnection | None = None
+        # (run, shard) -> {array: chunk indices its committed marker lists}
+        self._listed: dict[tuple[str, int], dict[str, frozenset[int]]] = {}
+        self._marker_sha: dict[str, dict[int, Any]] = {}
+        self._con: _sqlviews.Views | None = None  # Lake.sql's connection and what it read
         self._con_key: tuple[Any, ...] | None = None
 
     def __repr__(self) -> str:
@@ -64,17 +67,22 @@ class Lake:
         d = self.path / "runs"
         return sorted(p.name for p in d.iterdir() if p.is_dir()) if d.is_dir() else []
 
-    def _manifests(self) -> dict[str, dict[str, Any]]:
-        out = {}
+    def _manifests(self) -> dict[str, dict[str, Any] | str]:
+        """Each complete run's manifest, or why it cannot be read (for SQL: that run then answers
+        with the reason, the others normally)."""
+        out: dict[str, dict[str, Any] | str] = {}
         for r in self._run_names():
             p = self.path / "runs" / r / "manifest.json"
             if p.exists():
-                out[r] = _check_version(read_json(p), p)
+                try:
+                    out[r] = _check_version(read_json(p), p)
+                except (OSError, ValueError, LakeError, AttributeError) as err:
+                    out[r] = f"its manifest.json cannot be read ({err})"
         return out
 
     def manifest(self, run: str) -> dict[str, Any]:
         p = self.path / "runs" / run / "manifest.json"
-        if not _RUN_NAME.match(run) or not p.exists():
+        if not valid_name(run) or not p.exists():
             complete = [
                 r for r in self._run_names() if (self.path / "runs" / r / "manifest.json").exists()
             ]
@@ -90,20 +98,20 @@ class Lake:
         """The config a run was begun with (runs/RUN/config.json), complete or partial; None when
         no run of that name has one yet."""
         p = self.path / "runs" / run / "config.json"
-        return read_json(p) if _RUN_NAME.match(run) and p.exists() else None
+        return read_json(p) if valid_name(run) and p.exists() else None
 
     def markers(self, run: str) -> dict[int, dict[str, Any]]:
         """Commit markers of a run's committed shards, by shard index."""
         d = self._run_dir(run) / "shards"
         out = {}
         for p in sorted(d.glob("s*.json")):
-            if re.fullmatch(r"s\d{5,}", p.stem):
+            if SHARD_NAME.fullmatch(p.stem):
                 out[int(p.stem[1:])] = read_json(p)
         return out
 
     def _run_dir(self, run: str) -> Path:
         d = self.path / "runs" / run
-        if not _RUN_NAME.match(run) or not d.is_dir():
+        if not valid_name(run) or not d.is_dir():
             raise UnknownRun(run, self._run_names())
         return d
 
@@ -159,26 +167,76 @@ class Lake:
     def connect(self) -> duckdb.DuckDBPyConnection:
         """A new confined DuckDB connection with the views over complete runs.
 
-        External access is limited to the lake directory. Unlike `sql`, it does not check
-        statement types, so in-memory CREATE or COPY into the lake directory remain possible.
+        Every relation is a view over the lake's files or constants, so nothing can be inserted,
+        updated or deleted, and file access is limited to the lake directory. Unlike `sql`, it
+        does not check statements, so in-memory CREATE or COPY into the lake directory remain
+        possible. A damaged run answers with an error naming it where a query reaches it.
         """
-        return _sqlviews.connect(self.path, self._manifests())
+        return _sqlviews.connect(self.path, self._manifests()).con
+
+    def _sql_key(self) -> tuple[Any, ...]:
+        """What Lake.sql's views were built from: every complete run's manifest and table folders
+        (deleting or adding a file changes its folder's mtime), probes/ and its run folders, and
+        neurons/. A new key makes a new connection."""
+
+        def mtime(p: Path) -> int | None:
+            try:
+                return p.stat().st_mtime_ns
+            except OSError:
+                return None
+
+        key: list[Any] = []
+        for r in self._run_names():
+            d = self.path / "runs" / r
+            m = mtime(d / "manifest.json")
+            if m is not None:
+                key.append((r, m, *(mtime(d / t) for t in _sqlviews.RUN_TABLES)))
+        probes = self.path / "probes"
+        try:
+            key.append(sorted((e.name, e.stat().st_mtime_ns) for e in os.scandir(probes)))
+        except OSError:
+            key.append(None)
+        key.append((mtime(probes), mtime(self.path / "neurons")))
+        return tuple(key)
+
+    def _views(self, *, fresh: bool = False) -> _sqlviews.Views:
+        key = self._sql_key()
+        if fresh or self._con is None or key != self._con_key:
+            if self._con is not None:
+                self._con.con.close()  # its temporary directory goes with it
+                self._con = None
+            self._con, self._con_key = _sqlviews.connect(self.path, self._manifests()), key
+        return self._con
 
     def sql(self, query: str, *, params: Any = None) -> pa.Table:
-        """Run one read-only statement (SELECT / EXPLAIN SELECT) and return an Arrow table."""
-        key = tuple(
-            (r, (self.path / "runs" / r / "manifest.json").stat().st_mtime_ns)
-            for r in self._run_names()
-            if (self.path / "runs" / r / "manifest.json").exists()
-        )
-        if self._con is None or key != self._con_key:
-            self._con, self._con_key = self.connect(), key
-        _sqlviews.check_read_only(self._con, query)
-        cur = self._con.cursor()
-        try:
-            return cur.sql(query, params=params).to_arrow_table()
-        finally:
-            cur.close()
+        """Run one read-only statement (SELECT / EXPLAIN SELECT) and return an Arrow table.
+
+        A query that reaches a damaged run (a file its manifest lists is missing or unreadable)
+        raises DamagedRun naming it; queries that do not reach it answer normally. Before that is
+        reported, the query runs once more on a connection rebuilt from the lake as it is now: a
+        file may have been replaced, damaged or repaired under the open one."""
+        import duckdb
+
+        views = self._views()
+        _sqlviews.check_read_only(views.con, query)
+        for attempt in (0, 1):
+            cur = views.con.cursor()
+            try:
+                return cur.sql(query, params=params).to_arrow_table()
+            except duckdb.Error as err:
+                msg = str(err)
+                damaged = _sqlviews.DAMAGE_TAG in msg  # a damaged run's branch was reached
+                found = None if damaged else views.lake_file(msg)
+                if not damaged and found is None:
+                    raise  # the query's own error (a typo, a missing column...)
+                if attempt == 1:
+                    if damaged:
+                        raise _sqlviews.damaged_run(msg) from None
+                    raise _sqlviews.damaged_file(self.path, *found, msg) from err
+            finally:
+                cur.close()
+            views = self._views(fresh=True)
+        raise AssertionError("unreachable")
 
     # -- arrays --------------------------------------------------------------------------------
 
@@ -250,20 +308,68 @@ class Lake:
             return set(range(self.manifest(run)["n_shards"]))
         return set(self.markers(run))
 
-    def _memmap(self, path: Path, cf: ChunkFiles) -> np.memmap | None:
+    def _damaged(self, run: str, shard: int, what: str) -> DamagedRun:
+        return DamagedRun(
+            f"run {run!r}, shard {shard_name(shard)}: {what}. The lake is damaged; see what else "
+            f"is with `tokenlake validate --lake {self.path} --runs {run}`, then re-extract the "
+            "run or restore it from a copy", run=run)
+
+    def _marker_hashes(self, run: str) -> dict[int, Any] | None:
+        """shard index -> the marker_sha256 a complete run's manifest records; None while the run
+        has no manifest."""
+        if run not in self._marker_sha:
+            if not (self._run_dir(run) / "manifest.json").exists():
+                return None
+            self._marker_sha[run] = {
+                k: e.get("marker_sha256") if isinstance(e, dict) else None
+                for k, e in enumerate(self.manifest(run).get("shards", []))}
+        return self._marker_sha[run]
+
+    def _listed_chunks(self, run: str, shard: int) -> dict[str, frozenset[int]]:
+        """The chunks of each array that a committed shard's marker lists (cached: a marker is
+        never rewritten). For a complete run the marker must match the manifest's hash of it."""
+        key = (run, shard)
+        if key not in self._listed:
+            d = self._run_dir(run)
+            sname = shard_name(shard)
+            try:
+                raw = (d / "shards" / f"{sname}.json").read_bytes()
+            except FileNotFoundError:
+                raise self._damaged(run, shard, f"its commit marker shards/{sname}.json is "
+                                                "missing, yet the run's manifest lists the "
+                                                "shard") from None
+            hashes = self._marker_hashes(run)
+            if hashes is not None and hashes.get(shard) != hashlib.sha256(raw).hexdigest():
+                raise self._damaged(run, shard, f"its commit marker shards/{sname}.json does not "
+                                                "match the hash the run's manifest records")
+            try:
+                arrays = json.loads(raw)["arrays"]
+                self._listed[key] = {n: frozenset(int(c) for c in a["chunks"])
+                                     for n, a in arrays.items()}
+            except (ValueError, KeyError, TypeError) as e:
+                raise self._damaged(run, shard, f"its commit marker shards/{sname}.json cannot "
+                                                f"be read ({type(e).__name__}: {e})") from None
+        return self._listed[key]
+
+    def _memmap(self, path: Path, cf: ChunkFiles, run: str, name: str, chunk: int,
+                shard: int) -> np.memmap:
+        """The chunk file of a chunk the shard's marker lists: it must exist, whole."""
         mm = self._maps.get(path)
         if mm is not None:
             self._maps.move_to_end(path)
             return mm
+        rel = path.relative_to(self.path / "runs" / run)
         try:
             size = os.stat(path).st_size
         except FileNotFoundError:
-            return None  # never written: reads as the fill value 0
+            raise self._damaged(run, shard, f"chunk {chunk} of array {name!r} ({rel}) is "
+                                            "missing, though the shard's commit marker lists "
+                                            "it") from None
         shape = cf.chunk_shape
-        if size != int(np.prod(shape)) * cf.dtype.itemsize:
-            raise LakeError(
-                f"{path}: chunk file has {size} bytes, expected a full uncompressed chunk"
-            )
+        want = int(np.prod(shape)) * cf.dtype.itemsize
+        if size != want:
+            raise self._damaged(run, shard, f"chunk {chunk} of array {name!r} ({rel}) has "
+                                            f"{size} bytes, a whole chunk has {want}")
         mm = np.memmap(path, dtype=cf.dtype, mode="r", shape=shape)
         self._maps[path] = mm
         if len(self._maps) > _MAX_MAPS:
@@ -271,6 +377,10 @@ class Lake:
         return mm
 
     def _read_rows(self, run: str, name: str, rows: Any, *, kind: str = "token") -> np.ndarray:
+        """Rows of an array. A row is read from its chunk file when its chunk is listed by the
+        commit marker of the shard that owns it (the file must then exist, whole: LakeError
+        otherwise); a row of a chunk no marker lists (never written: a token slot or image id
+        the shard did not use) reads as 0, whatever file may lie there (SCHEMA.md, "Reading")."""
         cf = self._files(run, name, kind)
         rows = np.asarray(rows)
         if rows.dtype.kind not in "iu":
@@ -286,7 +396,8 @@ class Lake:
                 f"{name}: row index out of range [0, {cf.shape[0]}) "
                 f"(got [{flat.min()}, {flat.max()}])"
             )
-        per_shard = self.layout(run).arrays[name].rows_per_shard
+        layout = self.layout(run)
+        per_shard = layout.arrays[name].rows_per_shard
         bad = set(np.unique(flat // per_shard).tolist()) - self._committed(run)
         if bad:
             raise LakeError(
@@ -298,13 +409,30 @@ class Lake:
         uniq, starts = np.unique(chunk[order], return_index=True)
         ends = np.append(starts[1:], order.size)
         for c, s, e in zip(uniq.tolist(), starts.tolist(), ends.tolist()):
-            mm = self._memmap(cf.path(c), cf)
-            if mm is not None:
-                idx = order[s:e]
-                out[idx] = mm[within[idx]]
+            shard = c * r // per_shard
+            if c not in self._listed_chunks(run, shard).get(name, ()):
+                continue  # never written: reads as the fill value 0
+            mm = self._memmap(cf.path(c), cf, run, name, c, shard)
+            idx = order[s:e]
+            out[idx] = mm[within[idx]]
         return out.reshape(*rows.shape, *cf.shape[1:])
 
-    def validate(self, run: str | None = None) -> list[str]:
-        """Problems found (empty list == ok): re-hashes committed files and arrays against markers."""
-        runs = [run] if run is not None else self._run_names()
-        return [p for r in runs for p in validate_run(self, r)]
+    def validate(self, run: str | None = None, *, quick: bool = False) -> list[str]:
+        """Problems found (empty list == ok): re-hashes committed files and arrays against their
+        markers, and checks markers, manifest and subset against each other (store/_validate.py).
+        quick: sizes, markers and manifests only, no hashing of data.
+
+        LakeError when `run` is None and the folder holds no run (an empty or non-lake folder:
+        nothing would be checked)."""
+        if run is not None:
+            return validate_run(self, run, quick=quick)
+        runs = self._run_names()
+        if not runs:
+            if not any(self.path.iterdir()):
+                what = "an empty folder"
+            elif not any((self.path / d).is_dir() for d in ("runs", "subsets", "pixels")):
+                what = "not a lake (no runs/ or subsets/ folder)"
+            else:
+                what = "a lake without runs"
+            raise LakeError(f"nothing to validate in {self.path}: {what}; is --lake right?")
+        return [p for r in runs for p in validate_run(self, r, quick=quick)]

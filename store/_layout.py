@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -13,6 +14,24 @@ from tokenlake.store._errors import ContractError, LakeError
 from tokenlake.store._io import read_json
 
 CHUNK_BYTES = 16 * 2**20  # upper bound for one chunk file
+# names of runs, subsets and arrays: the whole string must match (no trailing newline)
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+SHARD_NAME = re.compile(r"s\d{5,}")
+
+
+def check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ContractError(f"invalid {what} name {name!r}: use letters, digits, '.', '_' or '-' "
+                            "(starting with a letter or digit)")
+    return name
+
+
+def valid_name(name: object) -> bool:
+    return isinstance(name, str) and NAME.fullmatch(name) is not None
+
+
+def shard_name(index: int) -> str:
+    return f"s{index:05d}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,6 +127,17 @@ class RunLayout:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def shard_chunks(self, name: str, shard: int) -> range:
+        """Indices of the chunks of array `name` that belong to `shard` (each chunk belongs to
+        exactly one shard)."""
+        a = self.arrays[name]
+        first = shard * a.rows_per_shard // a.chunk_rows
+        return range(first, first + a.rows_per_shard // a.chunk_rows)
+
+    def chunk_shard(self, name: str, chunk: int) -> int:
+        a = self.arrays[name]
+        return chunk * a.chunk_rows // a.rows_per_shard
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RunLayout:

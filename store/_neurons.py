@@ -6,7 +6,7 @@ extract/_neuronstats.py) and its per-block norms; ``tokenlake neurons`` computes
 (method, detect_block, highest_block, sparsity_filter) and, with the rest, JSON metadata under the
 Parquet key ``tokenlake``. The file is written to ``<name>.tmp-<pid>-<uuid>``, fsynced and renamed into
 place, so a reader sees the old ranking or the new one, never a partial file. The `neurons` SQL view
-reads ``neurons/*.parquet`` (temporary files do not match the glob).
+reads every ``neurons/*.parquet`` (temporary files do not end in .parquet).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from tokenlake.store._errors import ContractError, LakeError
 
-__all__ = ["NEURONS_SCHEMA", "neurons_view", "read_neurons", "write_neurons"]
+__all__ = ["NEURONS_SCHEMA", "neurons_sources", "neurons_view", "read_neurons", "write_neurons"]
 
 NEURONS_SCHEMA = pa.schema([
     ("run", pa.string()),  # the --record-mlp run the ranking comes from
@@ -91,18 +91,50 @@ def read_neurons(lake: str | Path, run: str) -> tuple[pa.Table, dict[str, Any]] 
     return t.replace_schema_metadata(None).sort_by(order), meta
 
 
-def neurons_view(lake: str | Path) -> str:
-    """CREATE VIEW neurons over every ranking in LAKE/neurons/ (empty, typed, when none exists).
+def neurons_sources(lake: str | Path) -> list[Path]:
+    """Every ranking file in LAKE/neurons/, listed here rather than globbed by DuckDB (the lake's
+    path may hold glob characters); temporary files do not end in .parquet."""
+    folder = Path(lake) / "neurons"
+    try:
+        names = sorted(e.name for e in os.scandir(folder) if e.name.endswith(".parquet"))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [folder / n for n in names]
+
+
+def neurons_select(lake: str | Path, sources: list[Path] | None = None,
+                   broken: dict[str, str] | None = None) -> str:
+    """The SELECT of the neurons view: one branch per ranking file of `sources` (default:
+    neurons_sources). A file that cannot be read (pyarrow cannot read its schema, or it is in
+    `broken`: str(path) -> why) answers with that error when a query reaches it; its `run` is the
+    file's name, so `WHERE run = ...` on another run skips it.
 
     A ranking written before schema version 3 lacks the v3 columns: they read as NULL there (its
     ``score`` is the ``contrast`` score; its v2-only columns are not in the view)."""
+    from tokenlake.store._sqlviews import empty_select, error_branch, paths_list_sql
+
     lake = Path(lake)
+    columns = list(_DUCK.items())
     parts = []
-    for f in sorted((lake / "neurons").glob("*.parquet")):
-        have = set(pq.read_schema(f).names)
+    for f in neurons_sources(lake) if sources is None else sources:
+        why = (broken or {}).get(str(f))
+        if why is None:
+            try:
+                have = set(pq.read_schema(f).names)
+            except (OSError, pa.ArrowException) as err:
+                why = str(err)
+        if why is not None:
+            parts.append(error_branch(columns, f"tokenlake: the register-neuron ranking "
+                                      f"neurons/{f.name} cannot be read: {why}",
+                                      run=f.name.removesuffix(".parquet")))
+            continue
         cols = ", ".join(f'"{n}"' if n in have else f'NULL::{t} AS "{n}"' for n, t in _DUCK.items())
-        parts.append(f"SELECT {cols} FROM read_parquet('{str(f).replace(chr(39), chr(39) * 2)}')")
-    if not parts:
-        parts = ["SELECT " + ", ".join(f'NULL::{t} AS "{n}"' for n, t in _DUCK.items())
-                 + " WHERE false"]
-    return "CREATE VIEW neurons AS " + "\nUNION ALL\n".join(parts)
+        parts.append(f"SELECT {cols} FROM read_parquet({paths_list_sql([f])})")
+    return "\nUNION ALL\n".join(parts or [empty_select(columns)])
+
+
+def neurons_view(lake: str | Path, sources: list[Path] | None = None,
+                 broken: dict[str, str] | None = None) -> str:
+    """CREATE VIEW neurons over every ranking in LAKE/neurons/ (empty, typed, when none exists),
+    as listed when the connection is made (Lake.sql makes a new one when neurons/ changes)."""
+    return "CREATE OR REPLACE VIEW neurons AS " + neurons_select(lake, sources, broken)

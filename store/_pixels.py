@@ -9,6 +9,7 @@ recipe (size, interpolation, crop) reads these shards instead of decoding again.
     LAKE/pixels/<name>/shards/<shard>.parquet  position, width, height, reason (NULL when usable),
                                             decoder ('torchvision' | 'pil', NULL when failed)
     LAKE/pixels/<name>/shards/<shard>.json  marker, written last (byte counts and sha256 of both files)
+    LAKE/pixels/<name>/shards/<shard>.lock  advisory lock held while the shard is written
 
 Row k of shard i is input position i * shard_size + k of the subset (the run's image_id).
 
@@ -17,6 +18,10 @@ The recipe's decoder says which decoder built the store: "pil" (every row decode
 the row's `decoder` says which). Their pixels differ by a few grey levels, so they are different
 recipes; a torchvision store's name ends in "-tv". Stores written before the decoder existed have
 no `decoder` key or column: they are PIL stores, and `recipe()` / `meta()` say so.
+
+A writer killed mid-shard leaves `*.tmp-<pid>-<id>` files; writing a shard (under its lock) deletes
+that shard's, and starting a build (`create`) those of committed shards. Reading a shard checks its
+files' sizes against the marker (not their hashes: `validate` does).
 """
 
 from __future__ import annotations
@@ -31,10 +36,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from filelock import FileLock
 
 from tokenlake.store._errors import ContractError, LakeError
-from tokenlake.store._io import atomic_write, sha256_file
-from tokenlake.store._writer import shard_name
+from tokenlake.store._io import atomic_write, read_parquet, sha256_file, temp_target
+from tokenlake.store._layout import SHARD_NAME, shard_name
 
 META_SCHEMA = pa.schema([
     ("position", pa.int64()), ("width", pa.int32()), ("height", pa.int32()),
@@ -89,6 +95,34 @@ class PixelStore:
         (self.dir / "shards").mkdir(parents=True, exist_ok=True)
         if old is None:
             atomic_write(self.dir / "recipe.json", json.dumps(recipe, sort_keys=True).encode())
+        self.sweep_temp()
+
+    def sweep_temp(self) -> list[Path]:
+        """Delete the temporary files of committed shards (a writer killed before its rename:
+        no live writer owns a committed shard's), and the recipe's once it exists. Uncommitted
+        shards' are deleted by their next writer, under the shard's lock. Returns the paths."""
+        gone = []
+        committed = self.committed()
+        for q in (self.dir / "shards").glob("*.tmp-*"):
+            stem = (temp_target(q.name) or "").split(".", 1)[0]
+            if SHARD_NAME.fullmatch(stem) and int(stem[1:]) in committed:
+                q.unlink(missing_ok=True)
+                gone.append(q)
+        if (self.dir / "recipe.json").exists():  # written once, before any shard
+            for q in self.dir.glob("recipe.json.tmp-*"):
+                if temp_target(q.name) == "recipe.json":
+                    q.unlink(missing_ok=True)
+                    gone.append(q)
+        return gone
+
+    def _sweep_shard(self, shard: int) -> None:
+        """Temporary files of `shard`; the caller holds its lock."""
+        base = self.dir / "shards" / shard_name(shard)
+        for suffix in (".npy", ".parquet", ".json"):
+            target = base.name + suffix
+            for q in base.parent.glob(target + ".tmp-*"):
+                if temp_target(q.name) == target:
+                    q.unlink(missing_ok=True)
 
     @property
     def n_shards(self) -> int:
@@ -96,7 +130,8 @@ class PixelStore:
         return -(-r["n"] // r["shard_size"]) if r else 0
 
     def committed(self) -> set[int]:
-        return {int(p.stem[1:]) for p in (self.dir / "shards").glob("s*.json")}
+        return {int(p.stem[1:]) for p in (self.dir / "shards").glob("s*.json")
+                if SHARD_NAME.fullmatch(p.stem)}
 
     def is_complete(self) -> bool:
         return self.recipe() is not None and self.committed() >= set(range(self.n_shards))
@@ -123,20 +158,23 @@ class PixelStore:
                                 "reason is not (the decoder of every usable row)")
         base = self.dir / "shards" / shard_name(shard)
         table = io.BytesIO()
-        pq.write_table(meta, table)
+        pq.write_table(meta, table, write_page_checksum=True)
         parts = {".npy": _npy_parts(pixels), ".parquet": [table.getbuffer()]}
         files = {}
-        for suffix, buffers in parts.items():
-            digest = hashlib.sha256()
-            for buffer in buffers:
-                digest.update(buffer)
-            # no fsync: the store is a cache of decodable inputs, checked by sha256 on validate,
-            # and the per-file fsyncs cost more than the decoding of a shard
-            atomic_write(base.with_suffix(suffix), buffers, fsync=False)
-            files[suffix] = {"bytes": sum(b.nbytes for b in buffers), "sha256": digest.hexdigest()}
-        n_errors = n - meta.column("reason").null_count
-        marker = {"shard": shard_name(shard), "n": n, "n_errors": n_errors, "files": files}
-        atomic_write(base.with_suffix(".json"), json.dumps(marker, sort_keys=True).encode())
+        with FileLock(str(base.with_suffix(".lock"))):
+            self._sweep_shard(shard)  # a killed writer's leftovers: no live writer owns them now
+            for suffix, buffers in parts.items():
+                digest = hashlib.sha256()
+                for buffer in buffers:
+                    digest.update(buffer)
+                # no fsync: the store is a cache of decodable inputs, checked by sha256 on
+                # validate, and the per-file fsyncs cost more than the decoding of a shard
+                atomic_write(base.with_suffix(suffix), buffers, fsync=False)
+                files[suffix] = {"bytes": sum(b.nbytes for b in buffers),
+                                 "sha256": digest.hexdigest()}
+            n_errors = n - meta.column("reason").null_count
+            marker = {"shard": shard_name(shard), "n": n, "n_errors": n_errors, "files": files}
+            atomic_write(base.with_suffix(".json"), json.dumps(marker, sort_keys=True).encode())
         return marker
 
     # -- reading -----------------------------------------------------------------------------
@@ -146,8 +184,18 @@ class PixelStore:
             base = self.dir / "shards" / shard_name(shard)
             if not base.with_suffix(".json").exists():
                 raise LakeError(f"pixel store {self.name!r}: shard {shard} is not committed")
+            marker = json.loads(base.with_suffix(".json").read_text())
+            for suffix, want in marker["files"].items():
+                path = base.with_suffix(suffix)
+                size = path.stat().st_size if path.exists() else None
+                if size != want["bytes"]:
+                    raise LakeError(
+                        f"pixel store {self.name!r}, shard {shard_name(shard)}: {path.name} "
+                        f"{'is missing' if size is None else f'has {size} bytes'}, its marker "
+                        f"says {want['bytes']}. Delete {self.dir} and rebuild it (`tokenlake "
+                        "pixels`)")
             pixels = np.load(base.with_suffix(".npy"), mmap_mode="r")
-            self._meta[shard] = pq.read_table(base.with_suffix(".parquet"))
+            self._meta[shard] = read_parquet(base.with_suffix(".parquet"))
             self._maps[shard] = pixels  # last: reader threads take its presence for both
         return self._maps[shard], self._meta[shard]
 
@@ -201,6 +249,8 @@ class PixelStore:
             base = self.dir / "shards" / shard_name(shard)
             marker = json.loads(base.with_suffix(".json").read_text())
             for suffix, want in marker["files"].items():
-                if sha256_file(base.with_suffix(suffix)) != want["sha256"]:
+                if not base.with_suffix(suffix).exists():
+                    problems.append(f"pixels/{self.name}/{base.name}{suffix}: missing")
+                elif sha256_file(base.with_suffix(suffix)) != want["sha256"]:
                     problems.append(f"pixels/{self.name}/{base.name}{suffix}: checksum mismatch")
         return problems

@@ -8,8 +8,8 @@ Layout of one result directory (the directory's presence == the result is comple
     weights.pt ...   any further files the probe hands over (trained weights)
 
 A result is written into `probes/.staging/<pid>-<uuid>/<probe>-<hash>/` and renamed into place, so a
-killed probe leaves at most a staging folder that no reader looks at. The SQL view reads
-`probes/*/*/result.parquet` (the staging folder is one level deeper, so it never matches).
+killed probe leaves at most a staging folder that no reader looks at. The SQL view reads every
+`probes/<run>/<result>/result.parquet` (the staging folder's are one level deeper: never read).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ __all__ = [
     "PROBE_RESULTS_SCHEMA",
     "probe_config_hash",
     "probe_result_dir",
+    "probe_results_sources",
     "probe_results_view",
     "read_probe_result",
     "write_probe_result",
@@ -156,17 +157,47 @@ def write_probe_result(
         shutil.rmtree(stage_root, ignore_errors=True)
 
 
-def probe_results_view(lake: str | Path) -> str:
-    """CREATE VIEW probe_results over every committed result.parquet of the lake.
+def probe_results_sources(lake: str | Path) -> dict[str, list[Path]]:
+    """Every committed result.parquet, by the run folder it sits in (`probes/<run>/*/`), listed
+    here rather than globbed by DuckDB: the lake's path may hold glob characters."""
+    root = Path(lake) / "probes"
+    out: dict[str, list[Path]] = {}
+    try:
+        runs = sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != ".")
+    except (FileNotFoundError, NotADirectoryError):
+        return out
+    for run in runs:  # the staging folder's results are one level deeper: never listed
+        found = sorted(e.name for e in os.scandir(root / run) if e.is_dir())
+        files = [root / run / d / "result.parquet" for d in found]
+        files = [f for f in files if f.is_file()]
+        if files:
+            out[run] = files
+    return out
 
-    The glob is expanded at query time, so results committed after the connection was made show up
-    (a connection made while the lake had no result at all keeps an empty view).
-    """
+
+def probe_results_select(lake: str | Path, sources: dict[str, list[Path]] | None = None,
+                         broken: dict[str, str] | None = None) -> str:
+    """The SELECT of the probe_results view: one branch per run folder of `sources` (default:
+    probe_results_sources); a folder in `broken` (folder -> why) answers with that error when a
+    query reaches it (its `run` is a constant, so `WHERE run = ...` on another run skips it)."""
+    from tokenlake.store._sqlviews import empty_select, error_branch, paths_list_sql
+
     lake = Path(lake)
+    sources = probe_results_sources(lake) if sources is None else sources
+    columns = list(_DUCK.items())
     cols = ", ".join(f'"{n}"' for n in PROBE_RESULTS_SCHEMA.names)
-    if any((lake / "probes").glob("*/*/result.parquet")):
-        pattern = str(lake / "probes" / "*" / "*" / "result.parquet").replace("'", "''")
-        body = f"SELECT {cols} FROM read_parquet('{pattern}')"
-    else:
-        body = "SELECT " + ", ".join(f'NULL::{t} AS "{n}"' for n, t in _DUCK.items()) + " WHERE false"
-    return f"CREATE VIEW probe_results AS {body}"
+    parts = []
+    for run, files in sources.items():
+        if run in (broken or {}):
+            parts.append(error_branch(columns, f"tokenlake: the probe results of run {run!r} "
+                                      f"(probes/{run}/) cannot be read: {broken[run]}", run=run))
+            continue
+        parts.append(f"SELECT {cols} FROM read_parquet({paths_list_sql(files)})")
+    return "\nUNION ALL\n".join(parts or [empty_select(columns)])
+
+
+def probe_results_view(lake: str | Path, sources: dict[str, list[Path]] | None = None,
+                       broken: dict[str, str] | None = None) -> str:
+    """CREATE VIEW probe_results over every committed result.parquet of the lake, as listed when
+    the connection is made (Lake.sql makes a new one when probes/ changes)."""
+    return "CREATE OR REPLACE VIEW probe_results AS " + probe_results_select(lake, sources, broken)

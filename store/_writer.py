@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
-import re
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import zarr
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from zarr.codecs import BytesCodec
 
 from tokenlake.store._errors import ContractError, LakeError, RunConfigMismatch, RunExists
@@ -23,15 +24,25 @@ from tokenlake.store._finalnorm import FINAL_NORM_FILE, final_norm_entry, write_
 from tokenlake.store._io import (
     atomic_write,
     canonical_json,
-    fsync_dir,
+    fsync_dirs,
+    make_dirs,
     parquet_bytes,
     read_json,
+    temp_target,
     write_json,
 )
-from tokenlake.store._layout import ArraySpec, ChunkFiles, RunLayout
+from tokenlake.store._layout import (
+    SHARD_NAME,
+    ArraySpec,
+    ChunkFiles,
+    RunLayout,
+    check_name,
+    shard_name,
+)
 from tokenlake.store._schema import SCHEMA_VERSION, TABLE_SCHEMAS, check_token_kinds, conform
 
-_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+TABLE_DIRS = ("images", "tokens", "errors", "blocks")
+RUN_FILES = ("config.json", "manifest.json", FINAL_NORM_FILE)  # written under run.lock
 # Manifest keys the store computes; a caller may not set them to something else.
 STORE_KEYS = (
     "schema_version",
@@ -48,16 +59,6 @@ STORE_KEYS = (
     "bytes",
     "final_norm",
 )
-
-
-def shard_name(index: int) -> str:
-    return f"s{index:05d}"
-
-
-def check_name(name: str, what: str) -> str:
-    if not isinstance(name, str) or not _RUN_NAME.match(name):
-        raise ContractError(f"invalid {what} name {name!r}: use letters, digits, '.', '_' or '-'")
-    return name
 
 
 def diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -118,9 +119,10 @@ class RunWriter:
             self.config = json.loads(canonical_json(dict(config)))
         except (TypeError, ValueError) as e:
             raise ContractError(f"config must be JSON-serialisable: {e}") from None
-        (self.dir / "shards").mkdir(parents=True, exist_ok=True)
+        fsync_dirs({d.parent for d in make_dirs(self.dir / "shards")})
         self._locks: dict[int, FileLock] = {}
         with FileLock(str(self.dir / "run.lock")):
+            self._sweep_run_files()
             self._init_run()
         self._chunks = {n: ChunkFiles(self.dir / "arrays.zarr" / n) for n in self.specs}
 
@@ -170,6 +172,7 @@ class RunWriter:
             group.attrs.update(
                 {"tokenlake": {"schema_version": SCHEMA_VERSION, "layout": self.layout.to_json()}}
             )
+            _fsync_tree(group_dir)  # zarr writes its metadata without fsync
         if not cfg_path.exists():
             atomic_write(cfg_path, canonical_json(self.config).encode())
 
@@ -183,7 +186,7 @@ class RunWriter:
 
     def committed(self) -> set[int]:
         names = (p.stem for p in (self.dir / "shards").glob("s*.json"))
-        return {int(n[1:]) for n in names if re.fullmatch(r"s\d{5,}", n)}
+        return {int(n[1:]) for n in names if SHARD_NAME.fullmatch(n)}
 
     def _lock(self, shard: int) -> FileLock:
         if shard not in self._locks:
@@ -195,6 +198,7 @@ class RunWriter:
         """Hold the shard's lock; yields True if the caller should write it, False if already committed."""
         self._check_index(shard)
         with self._lock(shard):
+            self._sweep_shard(shard)
             yield not self.shard_done(shard)
 
     def _check_index(self, shard: int) -> None:
@@ -230,7 +234,93 @@ class RunWriter:
                     f"shard {shard_name(shard)} of run {self.run!r} is already committed; "
                     f"use `with writer.claim({shard}) as todo:` to skip committed shards"
                 )
+            self._sweep_shard(shard)
             return self._write(p)
+
+    # -- leftovers -----------------------------------------------------------------------------
+
+    def _shard_temp_places(self, shard: int) -> list[tuple[Path, str]]:
+        """(folder, file name) of every file a writer of `shard` renames into place."""
+        sname = shard_name(shard)
+        places = [(self.dir / t, f"{sname}.parquet") for t in TABLE_DIRS]
+        places.append((self.dir / "shards", f"{sname}.json"))
+        for name in self.layout.arrays:
+            for g in self.layout.shard_chunks(name, shard):
+                path = self._chunks[name].path(g)
+                places.append((path.parent, path.name))
+        return places
+
+    def _sweep_shard(self, shard: int) -> list[Path]:
+        """Delete the temporary files of `shard` left by a killed writer. The caller holds the
+        shard's lock (or the shard is committed): no live writer owns them."""
+        gone = []
+        for folder, target in self._shard_temp_places(shard):
+            for q in folder.glob(glob.escape(target) + ".tmp-*"):
+                if temp_target(q.name) == target:
+                    q.unlink(missing_ok=True)
+                    gone.append(q)
+        return gone
+
+    def _sweep_run_files(self) -> list[Path]:
+        """Temporary files of config.json, manifest.json, final_norm.json; under run.lock."""
+        gone = []
+        for target in RUN_FILES:
+            for q in self.dir.glob(glob.escape(target) + ".tmp-*"):
+                if temp_target(q.name) == target:
+                    q.unlink(missing_ok=True)
+                    gone.append(q)
+        return gone
+
+    def sweep_temp(self) -> list[Path]:
+        """Delete every temporary file (`*.tmp-<pid>-<id>`, left by a writer killed before its
+        rename) that no live writer owns: those of committed shards, those of other shards whose
+        lock is free (taken while deleting), and the run's own files (under run.lock). Returns
+        the paths deleted. Runs when a run is committed; `claim` sweeps its shard."""
+        with FileLock(str(self.dir / "run.lock")):
+            return self._sweep_all()
+
+    def _sweep_all(self) -> list[Path]:
+        by_shard: dict[int, list[Path]] = {}
+        for folder, _, files in os.walk(self.dir):
+            here = Path(folder)
+            for f in files:
+                if temp_target(f) is None:
+                    continue
+                shard = self._temp_shard(here / f)
+                if shard is not None:
+                    by_shard.setdefault(shard, []).append(here / f)
+        gone = self._sweep_run_files()
+        committed = self.committed()
+        for shard in sorted(by_shard):
+            if shard in committed:
+                gone += self._sweep_shard(shard)
+                continue
+            # a fresh lock object (its own file descriptor): it fails while any writer holds the
+            # shard, this process's other threads and this thread included
+            lock = FileLock(str(self.dir / "shards" / f"{shard_name(shard)}.lock"))
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue  # a live writer holds it: its files are in use
+            try:
+                gone += self._sweep_shard(shard)
+            finally:
+                lock.release()
+        return gone
+
+    def _temp_shard(self, path: Path) -> int | None:
+        """The shard whose writer wrote this temporary file, or None (a run-level file, or a
+        file tokenlake does not write)."""
+        rel = path.relative_to(self.dir).parts
+        target = temp_target(path.name) or ""
+        if len(rel) == 2 and rel[0] in (*TABLE_DIRS, "shards"):
+            stem = target.split(".", 1)[0]
+            return int(stem[1:]) if SHARD_NAME.fullmatch(stem) else None
+        if len(rel) >= 5 and rel[0] == "arrays.zarr" and rel[1] in self.layout.arrays \
+                and rel[2] == "c" and rel[3].isdigit():
+            shard = self.layout.chunk_shard(rel[1], int(rel[3]))
+            return shard if shard < self.layout.n_shards else None
+        return None
 
     def _prepare(
         self,
@@ -392,10 +482,11 @@ class RunWriter:
     def _write(self, p: _Prepared) -> dict[str, Any]:
         sname = shard_name(p.shard)
         files = {}
+        dirs: set[Path] = set()  # the folders of the shard's files, fsynced before the marker
         for table, t in p.tables.items():
             data = parquet_bytes(t)
             rel = f"{table}/{sname}.parquet"
-            atomic_write(self.dir / rel, data)
+            atomic_write(self.dir / rel, data, dirs=dirs)
             files[table] = {
                 "name": rel,
                 "bytes": len(data),
@@ -404,9 +495,9 @@ class RunWriter:
             }
         arrays = {}
         for name, a in p.token_arrays.items():
-            arrays[name] = self._write_rows(name, p.shard, np.arange(a.shape[0]), a)
+            arrays[name] = self._write_rows(name, p.shard, np.arange(a.shape[0]), a, dirs)
         for name, (rows, a) in p.image_arrays.items():
-            arrays[name] = self._write_rows(name, p.shard, rows, a)
+            arrays[name] = self._write_rows(name, p.shard, rows, a, dirs)
         ss, cap = self.layout.shard_size, self.layout.slot_capacity
         marker = {
             "schema_version": SCHEMA_VERSION,
@@ -423,13 +514,14 @@ class RunWriter:
             "files": files,
             "arrays": arrays,
         }
-        fsync_dir(self.dir / "arrays.zarr")
+        # every file of the shard, and every folder entry leading to it, is durable before the
+        # marker (the commit) is written; write_json fsyncs shards/ after the marker's rename
+        fsync_dirs(dirs)
         write_json(self.marker_path(p.shard), marker)
-        fsync_dir(self.dir / "shards")
         return marker
 
     def _write_rows(
-        self, name: str, shard: int, local: np.ndarray, data: np.ndarray
+        self, name: str, shard: int, local: np.ndarray, data: np.ndarray, dirs: set[Path]
     ) -> dict[str, Any]:
         """Write whole chunks holding `data[k]` at shard-local row `local[k]`; other rows are 0."""
         a, cf = self.layout.arrays[name], self._chunks[name]
@@ -451,7 +543,7 @@ class RunWriter:
                 raw = memoryview(buf).cast("B")
             h.update(raw)
             g = (base // r) + c
-            atomic_write(cf.path(g), raw)
+            atomic_write(cf.path(g), raw, dirs=dirs)
             chunks.append(g)
         rows = (base + local) if local.size else np.zeros(0, np.int64)
         return {
@@ -481,6 +573,7 @@ class RunWriter:
             raise ContractError(f"n_shards must be in 1..{self.layout.n_shards}, got {total}")
         with FileLock(str(self.dir / "run.lock")):
             if self.manifest_path.exists():
+                self._sweep_all()
                 return self.manifest_path
             missing = sorted(set(range(total)) - self.committed())
             if missing:
@@ -492,8 +585,8 @@ class RunWriter:
                     f"shard(s) not committed: {shown}"
                 )
             m = build_manifest(self, manifest, total)
-            write_json(self.manifest_path, m)
-            fsync_dir(self.dir)
+            write_json(self.manifest_path, m)  # fsyncs the run folder after the rename
+            self._sweep_all()
         return self.manifest_path
 
 
@@ -544,3 +637,17 @@ def build_manifest(w: RunWriter, user: Mapping[str, Any], n_shards: int) -> dict
         )
     m.update(store)
     return m
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root` (a freshly created zarr group: metadata only)."""
+    folders = {root, root.parent}
+    for folder, _, files in os.walk(root):
+        folders.add(Path(folder))
+        for f in files:
+            fd = os.open(Path(folder) / f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fsync_dirs(folders)

@@ -65,3 +65,5 @@ def test_killed_run_resumes_to_an_identical_lake(tmp_path, image_helpers):
     ids = killed["images"].column("image_id").to_pylist()
     assert len(ids) == len(set(ids))
     assert main(["validate", "--lake", str(lakes[0])]) == 0
+    # whatever the kill left half-written (`*.tmp-<pid>-<id>`), the resume swept
+    assert not [p for p in (lakes[0] / "runs").rglob("*.tmp-*")]

@@ -74,3 +74,18 @@ def test_copy_out_of_the_lake_fails_even_on_the_raw_connection(lake, tmp_path):
     with pytest.raises(duckdb.Error):
         lk.connect().execute(f"COPY (SELECT 1) TO '{tmp_path}/leak.csv'")
     assert not (tmp_path / "leak.csv").exists()
+
+
+def test_a_lake_path_with_glob_characters_confines_to_itself(tmp_path):
+    """The lake's path is allowed literally and escaped (the views hand DuckDB escaped paths):
+    neither lets a read reach a sibling folder the path matches as a pattern."""
+    root = tmp_path / "lake[1]"
+    write_run(root, "r", **tiny_run())
+    (tmp_path / "lake1").mkdir()
+    pq.write_table(pa.table({"secret": [42]}), tmp_path / "lake1" / "secret.parquet")
+    lk = open_lake(root)
+    assert lk.sql("SELECT count(*) AS n FROM tokens").column("n")[0].as_py() == 63
+    for path in (f"{root}/secret.parquet", f"{tmp_path}/lake[[]1]/../lake1/secret.parquet",
+                 f"{root}/../lake1/secret.parquet", f"{tmp_path}/lake?/secret.parquet"):
+        with pytest.raises(duckdb.Error, match="[Pp]ermission"):
+            lk.sql(f"SELECT * FROM read_parquet('{path}')")

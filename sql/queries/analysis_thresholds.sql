@@ -5,8 +5,9 @@
 --          n_ref_patch_tokens BIGINT (patch tokens the threshold was taken over).
 -- Parameters: $1 runs VARCHAR[] (runs to report), $2 q DOUBLE (0.98 = top 2 %).
 -- Runs whose threshold_run has no patch tokens are left out. Ordered by run.
-SELECT r.run, r.threshold_run, th.q, th.threshold, th.n_patch_tokens AS n_ref_patch_tokens
-FROM runs AS r
-JOIN thresholds_at($2) AS th ON th.run = r.threshold_run
-WHERE list_contains($1, r.run)
-ORDER BY r.run
+SELECT run, any_value(threshold_run) AS threshold_run, $2::DOUBLE AS q,
+       quantile_cont(norm::DOUBLE, $2) AS threshold, count(*) AS n_ref_patch_tokens
+FROM threshold_norms  -- filtered by run: only the chosen runs and their threshold runs are read
+WHERE list_contains($1, run)
+GROUP BY run
+ORDER BY run

@@ -8,10 +8,9 @@
 --          each NULL when its denominator is 0. norm_threshold, attn_threshold DOUBLE.
 -- Parameters: $1 runs VARCHAR[], $2 q DOUBLE (norm, 0.98), $3 p DOUBLE (attention, 0.98).
 -- Ordered by run, image_id.
-WITH th AS (
-    SELECT r.run, t.threshold
-    FROM runs AS r JOIN thresholds_at($2) AS t ON t.run = r.threshold_run
-    WHERE list_contains($1, r.run)
+WITH th AS (  -- threshold_norms, filtered by run: only the chosen runs are read
+    SELECT run, quantile_cont(norm::DOUBLE, $2) AS threshold
+    FROM threshold_norms WHERE list_contains($1, run) GROUP BY run
 ), ath AS (
     SELECT run, quantile_cont(attn::DOUBLE, $3) AS attn_threshold
     FROM tokens WHERE kind = 'patch' AND attn IS NOT NULL AND list_contains($1, run)
@@ -21,7 +20,7 @@ WITH th AS (
            t.norm > th.threshold AS in_n,
            coalesce(t.attn > ath.attn_threshold, false) AS in_a
     FROM tokens AS t JOIN th ON th.run = t.run LEFT JOIN ath ON ath.run = t.run
-    WHERE t.kind = 'patch'
+    WHERE t.kind = 'patch' AND list_contains($1, t.run)
 ), g AS (
     SELECT run, image_id, count(*) AS n_patches,
            count(*) FILTER (WHERE in_n) AS n_norm,
@@ -38,5 +37,5 @@ SELECT g.run, g.image_id, i.source_id, g.n_patches, g.n_norm, g.n_attn, g.n_both
 FROM g
 JOIN th ON th.run = g.run
 LEFT JOIN ath ON ath.run = g.run
-JOIN images AS i ON i.run = g.run AND i.image_id = g.image_id
+JOIN images AS i ON i.run = g.run AND i.image_id = g.image_id AND list_contains($1, i.run)
 ORDER BY g.run, g.image_id

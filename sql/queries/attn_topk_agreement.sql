@@ -10,14 +10,13 @@
 -- Only images with k >= 1 (a run's agreement is sum(n_hit) / sum(k) over them).
 -- Parameters: $1 runs VARCHAR[], $2 q DOUBLE (0.98 = top 2 %).
 -- Ordered by run, image_id.
-WITH th AS (
-    SELECT r.run, t.threshold
-    FROM runs AS r JOIN thresholds_at($2) AS t ON t.run = r.threshold_run
-    WHERE list_contains($1, r.run)
+WITH th AS (  -- threshold_norms, filtered by run: only the chosen runs are read
+    SELECT run, quantile_cont(norm::DOUBLE, $2) AS threshold
+    FROM threshold_norms WHERE list_contains($1, run) GROUP BY run
 ), p AS (
     SELECT t.run, t.image_id, t.token, t.attn, t.norm > th.threshold AS in_n, th.threshold
     FROM tokens AS t JOIN th ON th.run = t.run
-    WHERE t.kind = 'patch'
+    WHERE t.kind = 'patch' AND list_contains($1, t.run)
 ), ranked AS (
     SELECT run, image_id, attn, in_n, threshold,
            count(*) FILTER (WHERE in_n) OVER img AS k,

@@ -11,6 +11,7 @@ SELECT i.source_id,
        max(i.max_patch_norm / th.threshold) AS max_ratio,
        min(i.image_id) AS first_image_id
 FROM images AS i JOIN th ON th.run = i.run
+WHERE list_contains($1, i.run)
 GROUP BY i.source_id
 HAVING count(DISTINCT i.run) = len($1)
 ORDER BY n_runs_with_outliers DESC, max_ratio DESC, first_image_id, i.source_id

@@ -4,16 +4,15 @@
 --          n BIGINT. Empty bins are left out; patches with NULL nbr_cos are left out.
 -- Outlier: norm > q-quantile of the threshold_run's patch norms (as in analysis_thresholds).
 -- Parameters: $1 runs VARCHAR[], $2 q DOUBLE, $3 n_bins INTEGER. Ordered by run, group, bin.
-WITH th AS (
-    SELECT r.run, t.threshold
-    FROM runs AS r JOIN thresholds_at($2) AS t ON t.run = r.threshold_run
-    WHERE list_contains($1, r.run)
+WITH th AS (  -- threshold_norms, filtered by run: only the chosen runs are read
+    SELECT run, quantile_cont(norm::DOUBLE, $2) AS threshold
+    FROM threshold_norms WHERE list_contains($1, run) GROUP BY run
 ), b AS (
     SELECT t.run,
            CASE WHEN t.norm > th.threshold THEN 'outlier' ELSE 'normal' END AS "group",
            least(greatest(floor((t.nbr_cos::DOUBLE + 1) / 2 * $3)::INTEGER, 0), $3 - 1) AS bin
     FROM tokens AS t JOIN th ON th.run = t.run
-    WHERE t.kind = 'patch' AND t.nbr_cos IS NOT NULL
+    WHERE t.kind = 'patch' AND t.nbr_cos IS NOT NULL AND list_contains($1, t.run)
 )
 SELECT run, "group", bin, -1 + 2 * bin / $3 AS lo, -1 + 2 * (bin + 1) / $3 AS hi, count(*) AS n
 FROM b GROUP BY run, "group", bin

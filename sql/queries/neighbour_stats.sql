@@ -10,14 +10,13 @@
 -- Patches with NULL nbr_cos are left out.
 -- Parameters: $1 runs VARCHAR[], $2 q DOUBLE (outliers), $3 p DOUBLE (low-information quantile,
 --             0.9). Ordered by run.
-WITH th AS (
-    SELECT r.run, t.threshold
-    FROM runs AS r JOIN thresholds_at($2) AS t ON t.run = r.threshold_run
-    WHERE list_contains($1, r.run)
+WITH th AS (  -- threshold_norms, filtered by run: only the chosen runs are read
+    SELECT run, quantile_cont(norm::DOUBLE, $2) AS threshold
+    FROM threshold_norms WHERE list_contains($1, run) GROUP BY run
 ), p AS (
     SELECT t.run, t.nbr_cos::DOUBLE AS c, t.norm > th.threshold AS is_out
     FROM tokens AS t JOIN th ON th.run = t.run
-    WHERE t.kind = 'patch' AND t.nbr_cos IS NOT NULL
+    WHERE t.kind = 'patch' AND t.nbr_cos IS NOT NULL AND list_contains($1, t.run)
 ), cut AS (
     SELECT run, quantile_cont(c, $3) AS cutoff FROM p GROUP BY run
 ), s AS (

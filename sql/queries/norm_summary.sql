@@ -18,14 +18,14 @@
 --              under BC's 5/9 (a Gaussian bulk puts ~1e-9 there, heavy unimodal tails < 1 %).
 -- All statistics are over patch tokens only (cls/reg excluded).
 -- Parameters: $1 runs VARCHAR[], $2 q DOUBLE. Ordered by run.
-WITH th AS (
-    SELECT r.run, r.threshold_run, t.threshold
-    FROM runs AS r JOIN thresholds_at($2) AS t ON t.run = r.threshold_run
-    WHERE list_contains($1, r.run)
+WITH th AS (  -- threshold_norms, filtered by run: only the chosen runs are read
+    SELECT run, any_value(threshold_run) AS threshold_run,
+           quantile_cont(norm::DOUBLE, $2) AS threshold
+    FROM threshold_norms WHERE list_contains($1, run) GROUP BY run
 ), p AS (
     SELECT t.run, t.image_id, t.norm::DOUBLE AS norm, t.norm > th.threshold AS is_out
     FROM tokens AS t JOIN th ON th.run = t.run
-    WHERE t.kind = 'patch' AND t.norm > 0
+    WHERE t.kind = 'patch' AND t.norm > 0 AND list_contains($1, t.run)
 ), robust AS (
     SELECT run, median(ln(norm)) + 6 * 1.4826 * mad(ln(norm)) AS sep_cutoff FROM p GROUP BY run
 ), s AS (

@@ -9,5 +9,6 @@ WITH n AS (
 )
 SELECT t.run, t.image_id, t.token, t.norm
 FROM tokens AS t JOIN n ON n.run = t.run
-WHERE t.kind = 'patch' AND hash(t.image_id, t.token) % n.n::UBIGINT < $2::UBIGINT
+WHERE t.kind = 'patch' AND list_contains($1, t.run)
+  AND hash(t.image_id, t.token) % n.n::UBIGINT < $2::UBIGINT
 ORDER BY t.run, t.image_id, t.token
