@@ -9,6 +9,7 @@ from timm.layers import to_2tuple
 
 from tokenlake.extract import create_backbone, make_adapter, resolve_model, resolve_weights
 from tokenlake.extract._preprocess import token_cells
+from tokenlake.extract.oracles import nbr_cos_by_loops, probs_from_unfused
 
 RANDOM = resolve_weights("random")
 
@@ -16,36 +17,6 @@ RANDOM = resolve_weights("random")
 def _model(alias: str, px: int):
     torch.manual_seed(1)
     return create_backbone(resolve_model(alias), weights=RANDOM, img_size=px)
-
-
-def _numpy_nbr_cos(grid: np.ndarray) -> np.ndarray:
-    """[H, W, C] -> [H*W], the definition written out with loops."""
-    h, w, _ = grid.shape
-    out = np.zeros((h, w))
-    for i in range(h):
-        for j in range(w):
-            sims = []
-            for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-                a, b = i + di, j + dj
-                if 0 <= a < h and 0 <= b < w:
-                    u, v = grid[i, j], grid[a, b]
-                    sims.append(u @ v / np.linalg.norm(u) / np.linalg.norm(v))
-            out[i, j] = np.mean(sims)
-    return out.reshape(-1)
-
-
-def _probs_from_unfused(attn_module, run) -> torch.Tensor:
-    """Attention probabilities captured from timm's own unfused path (the attn_drop input)."""
-    captured = {}
-    attn_module.fused_attn = False
-    handle = attn_module.attn_drop.register_forward_hook(
-        lambda _m, args, _o: captured.setdefault("p", args[0]))
-    try:
-        run()
-    finally:
-        handle.remove()
-        attn_module.fused_attn = True
-    return captured["p"]
 
 
 @pytest.mark.parametrize("alias", ["dinov2_s_reg4", "dinov2_s", "deit3_s"])
@@ -64,7 +35,7 @@ def test_vit_matches_independent_computation(alias):
         ref = torch.cat([prefix, spatial.flatten(2).transpose(1, 2)], 1)
         torch.testing.assert_close(out["tokens"], ref)
         post = model.forward_features(x)
-        probs = _probs_from_unfused(model.blocks[-1].attn, lambda: model.forward_features(x))
+        probs = probs_from_unfused(model.blocks[-1].attn, lambda: model.forward_features(x))
         embed = model.patch_embed(x).reshape(2, *lay.grid, -1).numpy()
     assert lay.n_reg == (4 if "reg4" in alias else 0) and lay.n_cls == 1
     np.testing.assert_allclose(out["norm"], np.linalg.norm(ref.numpy(), axis=-1), rtol=1e-5)
@@ -75,7 +46,7 @@ def test_vit_matches_independent_computation(alias):
         torch.testing.assert_close(out["registers_post"], post[:, 1:lay.n_prefix])
         assert out["attn"][:, lay.n_prefix:].sum(-1).max() < 1  # registers take a share: no renormalising
     for b in range(2):
-        np.testing.assert_allclose(out["nbr_cos"][b], _numpy_nbr_cos(embed[b]), atol=1e-5)
+        np.testing.assert_allclose(out["nbr_cos"][b], nbr_cos_by_loops(embed[b]), atol=1e-5)
     # per-block norms: the last block's output is the pre-norm token
     torch.testing.assert_close(out["block_norm"][:, -1], out["norm"])
     assert out["block_norm"].shape == (2, len(model.blocks), lay.n_tokens)
@@ -140,7 +111,7 @@ def test_swin_matches_independent_computation():
     torch.testing.assert_close(out["attn"], received, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out["cls_post"], pooled)
     for b in range(2):
-        np.testing.assert_allclose(out["nbr_cos"][b], _numpy_nbr_cos(
+        np.testing.assert_allclose(out["nbr_cos"][b], nbr_cos_by_loops(
             embed[b].permute(1, 2, 0).numpy()), atol=1e-5)
 
 
@@ -174,14 +145,14 @@ def test_pvt_matches_independent_computation():
         h = h.reshape(2, -1, h.shape[-1])
         for blk in last.blocks:
             h = blk(h, feat)
-        probs = _probs_from_unfused(last.blocks[-1].attn, lambda: model.forward_features(x))
+        probs = probs_from_unfused(last.blocks[-1].attn, lambda: model.forward_features(x))
         post = model.forward_features(x)  # [B, C, 7, 7]
         embed = torch.nn.functional.avg_pool2d(model.patch_embed(x).permute(0, 3, 1, 2), 8)
     torch.testing.assert_close(out["tokens"], h)
     torch.testing.assert_close(out["attn"], probs.mean((1, 2)), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out["cls_post"], post.mean((2, 3)))
     for b in range(2):
-        np.testing.assert_allclose(out["nbr_cos"][b], _numpy_nbr_cos(
+        np.testing.assert_allclose(out["nbr_cos"][b], nbr_cos_by_loops(
             embed[b].permute(1, 2, 0).numpy()), atol=1e-5)
 
 

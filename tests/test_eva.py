@@ -26,6 +26,7 @@ from tokenlake.extract import (
 from tokenlake.extract._models import all_aliases
 from tokenlake.extract._neuronstats import MlpRecord
 from tokenlake.extract._ttreg import TTRegister
+from tokenlake.extract.oracles import nbr_cos_by_loops, probs_from_unfused
 from tokenlake.store import open_lake
 
 # key: (timm name, px, timm kwargs). What each one exercises:
@@ -66,37 +67,6 @@ def _model(key: str) -> tuple[torch.nn.Module, int]:
 
 def _x(n: int, px: int) -> torch.Tensor:
     return torch.randn(n, 3, px, px, generator=torch.Generator().manual_seed(2))
-
-
-def _numpy_nbr_cos(grid: np.ndarray) -> np.ndarray:
-    """[H, W, C] -> [H*W], the definition written out with loops."""
-    h, w, _ = grid.shape
-    out = np.zeros((h, w))
-    for i in range(h):
-        for j in range(w):
-            sims = []
-            for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-                a, b = i + di, j + dj
-                if 0 <= a < h and 0 <= b < w:
-                    u, v = grid[i, j], grid[a, b]
-                    sims.append(u @ v / np.linalg.norm(u) / np.linalg.norm(v))
-            out[i, j] = np.mean(sims)
-    return out.reshape(-1)
-
-
-def _probs_from_unfused(attn_module, run) -> torch.Tensor:
-    """timm's own attention probabilities [B, h, T, T], rotary embedding included: the unfused
-    path's softmax output, i.e. the input of attn_drop."""
-    captured = {}
-    attn_module.fused_attn = False
-    handle = attn_module.attn_drop.register_forward_hook(
-        lambda _m, args, _o: captured.setdefault("p", args[0]))
-    try:
-        run()
-    finally:
-        handle.remove()
-        attn_module.fused_attn = True
-    return captured["p"]
 
 
 def _rot(t: torch.Tensor, rope: torch.Tensor, half: bool) -> torch.Tensor:
@@ -195,13 +165,13 @@ def test_eva_matches_timm(key):
         blocks = [torch.cat([prefix, spatial.flatten(2).transpose(1, 2)], 1)  # L x [B, T, D]
                   for spatial, prefix in inter]
         post = model.forward_features(x)
-        probs = _probs_from_unfused(model.blocks[-1].attn, lambda: model.forward_features(x))
+        probs = probs_from_unfused(model.blocks[-1].attn, lambda: model.forward_features(x))
         embed = model.patch_embed(x)
         # the same, without the rotary embedding: the CLS attention must differ
         with_rope = model._pos_embed
         model._pos_embed = lambda z: (with_rope(z)[0], None)
         try:
-            unrotated = _probs_from_unfused(model.blocks[-1].attn,
+            unrotated = probs_from_unfused(model.blocks[-1].attn,
                                             lambda: model.forward_features(x))
         finally:
             del model._pos_embed
@@ -223,7 +193,7 @@ def test_eva_matches_timm(key):
         torch.testing.assert_close(post, blocks[-1])
     grid = embed.reshape(2, *lay.grid, -1).numpy()
     for b in range(2):
-        np.testing.assert_allclose(out["nbr_cos"][b], _numpy_nbr_cos(grid[b]), atol=1e-5)
+        np.testing.assert_allclose(out["nbr_cos"][b], nbr_cos_by_loops(grid[b]), atol=1e-5)
 
 
 @pytest.mark.parametrize("key", list(VARIANTS))
@@ -250,7 +220,7 @@ def test_qkv_norms_are_the_rotated_q_k_and_the_v_of_every_block(key):
         assert (q - q0).abs().max() > 1e-2 * q0.abs().max()
         torch.testing.assert_close(_over_heads(q), _over_heads(q0), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(_over_heads(k), _over_heads(k0), rtol=1e-5, atol=1e-5)
-        probs = _probs_from_unfused(blk.attn, lambda: model.forward_features(x))
+        probs = probs_from_unfused(blk.attn, lambda: model.forward_features(x))
     torch.testing.assert_close((q @ k.transpose(-2, -1) * blk.attn.scale).softmax(-1), probs,
                                atol=1e-6, rtol=1e-5)
 
@@ -323,7 +293,7 @@ def test_eva_without_cls_gives_the_attention_each_token_receives():
     with torch.no_grad():
         out = adapter(x)
         adapter.close()
-        probs = _probs_from_unfused(model.blocks[-1].attn, lambda: model.forward_features(x))
+        probs = probs_from_unfused(model.blocks[-1].attn, lambda: model.forward_features(x))
         post = model.forward_features(x)
     assert (adapter.layout.n_cls, adapter.layout.n_reg) == (0, 1)
     torch.testing.assert_close(out["attn"], probs.mean((1, 2)), atol=1e-6, rtol=1e-5)

@@ -45,6 +45,7 @@ from tokenlake.extract._finalnorm import final_norm_params
 from tokenlake.extract._models import ALIASES, all_aliases, meta_backbone
 from tokenlake.extract._preprocess import DataConfig, normalise
 from tokenlake.extract._ttreg import TTRegister
+from tokenlake.extract.oracles import nbr_cos_by_loops, probs_from_unfused
 from tokenlake.store import open_lake
 
 RANDOM = resolve_weights("random")
@@ -79,33 +80,6 @@ def _norm_by_hand(kind: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor
         return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + module.eps) * w
     mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
     return (x - mu) / torch.sqrt(var + module.eps) * w + module.bias.double()
-
-
-def _numpy_nbr_cos(grid: np.ndarray) -> np.ndarray:
-    """[H, W, C] -> [H*W], the definition written out with loops."""
-    h, w, _ = grid.shape
-    out = np.zeros((h, w))
-    for i in range(h):
-        for j in range(w):
-            sims = [grid[i, j] @ grid[a, b] / np.linalg.norm(grid[i, j]) / np.linalg.norm(grid[a, b])
-                    for a, b in ((i - 1, j), (i + 1, j), (i, j - 1), (i, j + 1))
-                    if 0 <= a < h and 0 <= b < w]
-            out[i, j] = np.mean(sims)
-    return out.reshape(-1)
-
-
-def _probs_from_unfused(attn_module, run) -> torch.Tensor:
-    """[B, h, T, T] attention probabilities from timm's own unfused path (the attn_drop input)."""
-    captured = {}
-    attn_module.fused_attn = False
-    handle = attn_module.attn_drop.register_forward_hook(
-        lambda _m, args, _o: captured.setdefault("p", args[0]))
-    try:
-        run()
-    finally:
-        handle.remove()
-        attn_module.fused_attn = True
-    return captured["p"]
 
 
 def _pool_probs_by_hand(pool, post: torch.Tensor) -> torch.Tensor:
@@ -212,7 +186,7 @@ def test_adapter_matches_independent_computation(fam):
         for blk in model.blocks:
             pre = blk(pre)  # [B, T, D]
         post = model.forward_features(x)  # [B, T, D]
-        probs = _probs_from_unfused(model.blocks[-1].attn, lambda: model.forward_features(x))
+        probs = probs_from_unfused(model.blocks[-1].attn, lambda: model.forward_features(x))
         embed = model.patch_embed(x).reshape(2, *lay.grid, -1).numpy()
     # the layout comes from the model: CLS from cls_token, registers from num_prefix_tokens
     assert (lay.n_cls, lay.n_reg) == (case["n_cls"], case["n_reg"])
@@ -233,7 +207,7 @@ def test_adapter_matches_independent_computation(fam):
     torch.testing.assert_close(out["cls_post"], post[:, 0] if lay.n_cls else patches_post.mean(1))
     torch.testing.assert_close(out["patch_mean_post"], patches_post.mean(1))
     for b in range(2):
-        np.testing.assert_allclose(out["nbr_cos"][b], _numpy_nbr_cos(embed[b]), atol=1e-5)
+        np.testing.assert_allclose(out["nbr_cos"][b], nbr_cos_by_loops(embed[b]), atol=1e-5)
     depth, d = len(model.blocks), model.embed_dim
     for b, blk in enumerate(model.blocks):
         np.testing.assert_allclose(out["block_norm"][:, b], seen["out", b].norm(dim=-1), rtol=1e-5)
