@@ -17,15 +17,75 @@ forward hooks once and returns, per batch, a dict of device tensors:
     qkv_norm    [B, L, 3, T] (blocks=True) q, k, v norms of every block
     (a family may add image arrays of its own, declared by ``image_arrays()``)
 
-Attention is recomputed from q and k in fp32: timm's fused kernels never form probabilities.
+Attention is recomputed from q and k in fp32: timm's fused kernels never form probabilities
+(Swin-v2, whose q and k cannot be hooked: its last window attention is re-run in fp32).
+Everything above except ``tokens`` (the model's own activations, in its compute dtype) and
+``mlp_acts`` is computed inside ``fp32_exact()`` from ``.float()`` inputs: under ``--precision
+bf16`` the blocks run in bf16, the stored reductions in fp32 ("bf16 blocks, fp32 reductions").
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+_B = torch.backends
+# torch's per-backend fp32 precision knobs (torch >= 2.9), parents first: a child set to "none"
+# inherits from its parent, so they are restored in this order
+_PRECISION_NODES = (_B, _B.cudnn, _B.mkldnn, _B.cuda.matmul, _B.mkldnn.matmul, _B.cudnn.conv,
+                    _B.cudnn.rnn, _B.mkldnn.conv, _B.mkldnn.rnn)
+# where a float32 product may be rounded: cuBLAS and cuDNN to TF32, oneDNN (CPU) to TF32 or bf16
+_ROUNDING_KNOBS = (_B.cuda.matmul, _B.mkldnn.matmul, _B.cudnn.conv, _B.cudnn.rnn)
+# the knobs are process-global: one thread at a time changes and restores them (re-entrant, as
+# a family's hook may run inside another fp32_exact block)
+_PRECISION_LOCK = threading.RLock()
+
+
+def _readable(getter):
+    """A legacy getter's value, or None where it raises: torch refuses to answer once the legacy
+    and the new TF32 APIs were mixed (then only the new API's knobs are touched, and restored)."""
+    try:
+        return getter()
+    except RuntimeError:
+        return None
+
+
+@contextmanager
+def fp32_exact(device_type: str) -> Iterator[None]:
+    """Run the block in true float32: autocast off for ``device_type`` and no TF32/bf16 rounding
+    of float32 matmuls or convolutions; every setting it changes is restored on exit.
+
+    Under bf16 autocast an einsum or ``@`` of ``.float()`` operands runs in bf16, and a user or
+    timm may have allowed TF32 (``torch.set_float32_matmul_precision("high")``), which rounds
+    float32 products to a 10-bit mantissa: neither may touch what the lake calls fp32. The legacy
+    setters go first so that torch's legacy getters stay consistent inside (torch.compile reads
+    them); the per-backend knobs are then forced to "ieee", since a leaf left at "none" inherits
+    a parent's TF32."""
+    with _PRECISION_LOCK:
+        matmul = _readable(torch.get_float32_matmul_precision)
+        cudnn = _readable(lambda: _B.cudnn.allow_tf32)
+        saved = [node.fp32_precision for node in _PRECISION_NODES]
+        try:
+            if matmul is not None:
+                torch.set_float32_matmul_precision("highest")
+            if cudnn is not None:
+                _B.cudnn.allow_tf32 = False
+            for knob in _ROUNDING_KNOBS:
+                knob.fp32_precision = "ieee"
+            with torch.autocast(device_type, enabled=False):
+                yield
+        finally:
+            if matmul is not None:
+                torch.set_float32_matmul_precision(matmul)
+            if cudnn is not None:
+                _B.cudnn.allow_tf32 = cudnn
+            for node, value in zip(_PRECISION_NODES, saved, strict=True):
+                node.fp32_precision = value
 
 
 @dataclass(frozen=True)

@@ -24,17 +24,30 @@ Per image, with ``a[l, h, p]`` the input of ``blocks[l].mlp.fc2`` (extract/_ttre
     mlp_sum         [L, H]    float32  sum over every patch token of a
     mlp_abs_sum     [L, H]    float32  sum over every patch token of |a|
     mlp_acts        [L, H, Np] float16 the raw activations, only with --mlp-acts (tiny subsets)
+
+On a GPU these arrays reach the host through pinned (page-locked) buffers, one set per batch in
+flight: ``check_pinned_memory`` refuses at plan time a batch size whose sets would not fit.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tokenlake import store
+from tokenlake.extract._adapters import fp32_exact
 
 SPARSITY_ACTIVATION = 0.5  # their sparsity_activation_threshold (shared/algorithms.py default)
+# the extraction loop launches batch i+1 before finishing batch i (extract/_loop.py): at most two
+# batches' host copies are held in pinned buffers at once
+PINNED_SETS = 2
+# pinned memory cannot be paged out: the share of the host's physical memory those sets may take,
+# leaving the rest to the decoding processes, the shard buffers and the system
+PINNED_SHARE = 0.25
 STATS = ("mlp_abs_outlier", "mlp_n_outlier", "mlp_n_below", "mlp_sum_final", "mlp_sum",
          "mlp_abs_sum")
 ACTS = "mlp_acts"
@@ -64,14 +77,52 @@ def mlp_specs(depth: int, hidden: int, n_patches: int, *, acts: bool) -> dict[st
     return specs
 
 
+def mlp_bytes_per_image(depth: int, hidden: int, n_patches: int, *, acts: bool) -> int:
+    """Host bytes of one image's --record-mlp arrays (module doc), as ``mlp_specs`` declares."""
+    return sum(math.prod(s.shape) * np.dtype(s.dtype).itemsize
+               for s in mlp_specs(depth, hidden, n_patches, acts=acts).values())
+
+
+def check_pinned_memory(*, depth: int, hidden: int, n_patches: int, acts: bool, batch_size: int,
+                        host_bytes: int, processes: int = 1) -> None:
+    """Refuse a --record-mlp batch size whose pinned host buffers (PINNED_SETS sets of
+    ``batch_size`` images' arrays in each of ``processes`` extraction processes) exceed
+    PINNED_SHARE of ``host_bytes``, naming the largest batch size that fits. DINOv2-G at 518 px
+    with --mlp-acts: ~0.45 GB per image (40 blocks x 4096 neurons x 1369 patches, fp16)."""
+    per_image = mlp_bytes_per_image(depth, hidden, n_patches, acts=acts)
+    budget = int(host_bytes * PINNED_SHARE)
+    sets = processes * PINNED_SETS
+    need = sets * batch_size * per_image
+    if need <= budget:
+        return
+    fits = budget // (sets * per_image)
+    workers = f"{processes} processes x " if processes > 1 else ""
+    what = (f"--record-mlp{' --mlp-acts' if acts else ''} at --batch-size {batch_size} needs "
+            f"{need / 2**30:.1f} GiB of pinned host memory ({workers}{PINNED_SETS} batches in "
+            f"flight x {batch_size} images x {per_image / 2**20:.0f} MiB: {depth} blocks x "
+            f"{hidden} neurons{f' x {n_patches} patches' if acts else ''}), more than the "
+            f"{PINNED_SHARE:.0%} of this machine's {host_bytes / 2**30:.0f} GiB it may pin")
+    if fits:
+        raise ValueError(f"{what}: rerun with --batch-size {fits}")
+    raise ValueError(f"{what}, even at --batch-size 1: "
+                     + ("drop --mlp-acts (the statistics alone are far smaller), " if acts else "")
+                     + ("use fewer --workers, " if processes > 1 else "")
+                     + "use a smaller --img-size or a machine with more memory")
+
+
+def host_memory_bytes() -> int:
+    """This machine's physical memory (POSIX sysconf)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def neuron_stats(acts: list[torch.Tensor], block_norm: torch.Tensor, n_prefix: int,
                  rec: MlpRecord) -> dict[str, torch.Tensor]:
     """acts: L x [B, T, H] fc2 inputs (all tokens); block_norm: [B, L, T] fp32 output norm of every
     block -> the per-image statistics of the module doc, on the acts' device. Each block's tensor
     is released as soon as it is reduced (they are the largest thing the forward pass keeps)."""
-    # outside autocast: masked sums in bf16 would round the activations they add up; float64, not
-    # float32, because a float32 matmul may run in TF32 (10-bit mantissa) where that is switched on
-    with torch.autocast(block_norm.device.type, enabled=False):
+    # outside autocast: masked sums in bf16 would round the activations they add up; in float64,
+    # which no TF32 or bf16 mode rounds, sums over ~1000 patches lose nothing float32 can store
+    with fp32_exact(block_norm.device.type):
         is_out = block_norm[:, :, n_prefix:].double() > rec.threshold  # [B, Ld, Np]
         mask = is_out.double()
         count = is_out.sum(-1, dtype=torch.int32)  # [B, Ld]

@@ -20,7 +20,15 @@ from tokenlake.extract._models import (
     resolve_model,
     resolve_weights,
 )
-from tokenlake.extract._neuronstats import ACTS, SPARSITY_ACTIVATION, STATS, MlpRecord, mlp_specs
+from tokenlake.extract._neuronstats import (
+    ACTS,
+    SPARSITY_ACTIVATION,
+    STATS,
+    MlpRecord,
+    check_pinned_memory,
+    host_memory_bytes,
+    mlp_specs,
+)
 from tokenlake.extract._policy import POLICIES
 from tokenlake.extract._preprocess import PREPROCESS
 from tokenlake.extract._registry import make_adapter, supported_family
@@ -29,6 +37,20 @@ from tokenlake.extract._tvdecode import check_decoder
 # --precision: the dtype the backbone's blocks run in (bf16 = torch.autocast), the config's
 # compute_dtype. Table 4 compares heads within 0.4-0.7 points, so its runs ask for fp32.
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
+# config keys a run begun by an older tokenlake lacks: it keeps its own config (_adopt_begun)
+NUMERICS_KEYS = ("device_type", "numerics")
+
+
+def numerics(compute_dtype: str) -> str:
+    """The config's plain-words account of where the run rounds (store/SCHEMA.md, "bf16 blocks,
+    fp32 reductions"; extract/_adapters.py fp32_exact)."""
+    if compute_dtype == "bfloat16":
+        blocks = "bf16 blocks, fp32 reductions: blocks in bfloat16 (torch.autocast)"
+    else:
+        blocks = "fp32 blocks, fp32 reductions: blocks in float32 with TF32 off"
+    return (f"{blocks}; stored norms, attention (recomputed from the blocks' activations), "
+            "cosines and pooled tokens computed in float32 from upcast activations with autocast "
+            "and TF32 off; tokens stored as float16")
 
 
 @dataclass(frozen=True)
@@ -132,6 +154,13 @@ def plan(request: ExtractRequest) -> Plan:
         raise ValueError(
             "--record-mlp needs --outlier-ref RUN: the run (usually the model's val5k run) whose "
             "98th-percentile patch norm is the outlier threshold at every block")
+    # SLURM tasks run on GPU nodes even when this (login) node has none
+    gpu = torch.cuda.is_available() or request.executor == "slurm"
+    device = torch.device(request.device or ("cuda" if gpu else "cpu"))
+    if request.precision not in (None, *PRECISIONS):
+        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not "
+                         f"{request.precision!r}")
+    precision = request.precision or ("bf16" if device.type == "cuda" else "fp32")
     needs_threshold = request.policy == "sample" or request.keep_if_outlier or request.record_mlp
     threshold = None
     if needs_threshold:
@@ -141,6 +170,8 @@ def plan(request: ExtractRequest) -> Plan:
                 "model's val5k run with --policy all) whose 98th-percentile patch norm defines outliers"
             )
         threshold = reference_threshold(lake, request.outlier_ref)
+        check_reference_numerics(lake, request.outlier_ref, compute_dtype=PRECISIONS[precision],
+                                 device_type=device.type)
     if request.keep_if_outlier and not request.n:
         raise ValueError("--keep-if-outlier needs --n: how many images to keep")
     if request.keep_if_outlier and request.workers > 1:
@@ -164,13 +195,6 @@ def plan(request: ExtractRequest) -> Plan:
     splits = set(subset.column("split").to_pylist())
     subset_meta = {"name": request.subset, "source": sources.pop(), "split": splits.pop(),
                    "n": len(rows), "checksum": store.subset_checksum(request.lake, request.subset)}
-    # SLURM tasks run on GPU nodes even when this (login) node has none
-    gpu = torch.cuda.is_available() or request.executor == "slurm"
-    device = torch.device(request.device or ("cuda" if gpu else "cpu"))
-    if request.precision not in (None, *PRECISIONS):
-        raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not "
-                         f"{request.precision!r}")
-    precision = request.precision or ("bf16" if device.type == "cuda" else "fp32")
     run = request.run or default_run_name(spec, img_size, request.subset, weights,
                                           preprocess=request.preprocess)
     config = {
@@ -180,7 +204,8 @@ def plan(request: ExtractRequest) -> Plan:
         "outlier_ref": request.outlier_ref, "threshold": threshold,
         "keep_if_outlier": request.keep_if_outlier, "n": request.n, "blocks": request.blocks,
         "shard_size": request.shard_size, "seed": request.seed,
-        "compute_dtype": PRECISIONS[precision],
+        "compute_dtype": PRECISIONS[precision], "device_type": device.type,
+        "numerics": numerics(PRECISIONS[precision]),
     }
     config["versions"] = library_versions()  # a resume with others is refused unless allowed
     if request.preprocess != "model":  # config keys only when set: existing runs are unchanged
@@ -198,9 +223,37 @@ def plan(request: ExtractRequest) -> Plan:
         config["record_mlp"] = _mlp_config(request)
     if request.test_time_registers is not None:
         ttreg, config["test_time_registers"] = _ttreg_neurons(lake, request, spec, weights)
+    _adopt_begun(lake.run_config(run), config)
     version_change = _resume_versions(lake, run, config, request)
-    return Plan(request, spec, weights, img_size, run, rows, subset_meta, threshold, device, config,
-                ttreg, pixel_store, version_change)
+    plan_ = Plan(request, spec, weights, img_size, run, rows, subset_meta, threshold, device,
+                 config, ttreg, pixel_store, version_change)
+    if request.record_mlp and device.type == "cuda":
+        _check_mlp_memory(plan_)
+    return plan_
+
+
+def _adopt_begun(begun: dict | None, config: dict) -> None:
+    """A run begun before tokenlake recorded NUMERICS_KEYS keeps its config without them, so it
+    can still be found complete, or resumed where _resume_versions allows (a resume by other
+    library versions is refused unless --allow-version-change)."""
+    for key in NUMERICS_KEYS:
+        if begun is not None and key not in begun:
+            del config[key]
+
+
+def _check_mlp_memory(plan_: Plan) -> None:
+    """Refuse a --record-mlp batch size whose pinned host buffers would not fit this machine
+    (extract/_neuronstats.py check_pinned_memory); local workers share its memory. A SLURM
+    submission from a machine without a GPU is checked by each task on its own node, where the
+    task plans again (extract/_job.py) before extracting."""
+    request = plan_.request
+    if request.executor == "slurm" and not torch.cuda.is_available():
+        return
+    layout = meta_layout(plan_)
+    check_pinned_memory(depth=layout.depth, hidden=layout.mlp_hidden, n_patches=layout.n_patches,
+                        acts=layout.mlp_acts, batch_size=request.batch_size,
+                        host_bytes=host_memory_bytes(),
+                        processes=request.workers if request.executor == "local" else 1)
 
 
 def _resume_versions(lake: store.Lake, run: str, config: dict,
@@ -318,6 +371,42 @@ def reference_threshold(lake: store.Lake, run: str, percentile: float = 0.98) ->
     table = lake.sql(
         "SELECT threshold FROM thresholds_at(?) WHERE run = ?", params=[percentile, run])
     return float(table.column("threshold")[0].as_py())
+
+
+def reference_numerics(lake: store.Lake, run: str) -> tuple[str | None, str | None]:
+    """(compute_dtype, device type) a complete run was extracted with; None where it recorded
+    neither in its config nor in its manifest (config.device_type is new; the manifest's
+    ``device``, e.g. "cuda:0", has always been written by extraction)."""
+    manifest = lake.manifest(run)
+    config = manifest.get("config") or {}
+    dtype = config.get("compute_dtype") or manifest.get("compute_dtype")
+    device_type = config.get("device_type")
+    if device_type is None and manifest.get("device"):
+        device_type = torch.device(manifest["device"]).type
+    return dtype, device_type
+
+
+def check_reference_numerics(lake: store.Lake, run: str, *, compute_dtype: str,
+                             device_type: str) -> None:
+    """Refuse a threshold (--outlier-ref) from a run whose blocks ran in another dtype or on
+    another device type: bf16 rounding (or another device's kernels) moves the norms, so its
+    98th percentile would not mark this run's outliers."""
+    ref_dtype, ref_device = reference_numerics(lake, run)
+    if (ref_dtype, ref_device) == (compute_dtype, device_type):
+        return
+    precision = {v: k for k, v in PRECISIONS.items()}.get(compute_dtype, compute_dtype)
+    fix = (f"extract the reference with the same --precision {precision} --device {device_type} "
+           "(under another --run name) and pass that run, or run this extraction with the "
+           "reference's --precision/--device")
+    if ref_dtype is None or ref_device is None:
+        missing = " and ".join(k for k, v in (("compute_dtype", ref_dtype),
+                                              ("device", ref_device)) if v is None)
+        raise ValueError(f"--outlier-ref {run}: that run records no {missing}, so its threshold "
+                         f"cannot be checked against this run ({compute_dtype} blocks on "
+                         f"{device_type}): {fix}")
+    raise ValueError(f"--outlier-ref {run} was extracted with {ref_dtype} blocks on {ref_device}; "
+                     f"this run computes {compute_dtype} blocks on {device_type}, whose norms "
+                     f"that threshold does not describe: {fix}")
 
 
 def array_specs(layout: TokenLayout, image_arrays: dict[str, tuple[tuple[int, ...], str]] | None = None

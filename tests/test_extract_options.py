@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pytest
 import timm
 import torch
 
 from tokenlake.cli.main import main
+from tokenlake.extract import _plan
 from tokenlake.extract._models import file_sha256
+from tokenlake.extract._neuronstats import (
+    PINNED_SETS,
+    PINNED_SHARE,
+    check_pinned_memory,
+    mlp_bytes_per_image,
+)
+from tokenlake.extract._plan import ExtractRequest, numerics, plan
 from tokenlake.extract._preprocess import DataConfig, normalise
 from tokenlake.store import open_lake
 
@@ -161,3 +174,147 @@ def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
     assert main(["subset", "--lake", str(tmp_path / "l"), "--name", "x", "--data",
                  str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+# -- numerics: what the run's config says, and thresholds from runs that rounded otherwise ------
+
+
+def _lake_copy(lake, tmp_path) -> Path:
+    """A copy of the module's lake whose runs a test may edit."""
+    return Path(shutil.copytree(lake, tmp_path / "lake"))
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_config_records_device_type_and_numerics(lake):
+    config = open_lake(lake).manifest(REF)["config"]
+    assert (config["compute_dtype"], config["device_type"]) == ("float32", "cpu")
+    assert config["numerics"].startswith("fp32 blocks, fp32 reductions: blocks in float32 with TF32 off; ")
+    assert "autocast and TF32 off" in config["numerics"]
+    assert numerics("bfloat16").startswith("bf16 blocks, fp32 reductions: blocks in "
+                                                   "bfloat16 (torch.autocast); ")
+
+
+def test_threshold_from_another_compute_dtype_is_refused(lake, capsys):
+    assert _extract(lake, "--policy", "sample", "--outlier-ref", REF, "--precision", "bf16",
+                    "--run", "bf16-sampled") == 2
+    err = capsys.readouterr().err
+    assert f"--outlier-ref {REF} was extracted with float32 blocks on cpu" in err
+    assert "this run computes bfloat16 blocks on cpu" in err
+    assert "--precision bf16 --device cpu" in err  # what to extract the reference with
+    assert not (lake / "runs" / "bf16-sampled").exists()
+
+
+@pytest.mark.parametrize("recorded", ["config", "manifest device only", "nothing"])
+def test_threshold_from_another_device_type_is_refused(lake, tmp_path, capsys, recorded):
+    """The reference's device type comes from its config (device_type), else from the manifest's
+    `device` (runs begun before tokenlake recorded device_type); recording neither is refused."""
+    copy = _lake_copy(lake, tmp_path)
+
+    def as_if_on_a_gpu(man: dict) -> None:
+        if recorded == "config":
+            man["config"]["device_type"] = "cuda"
+            return
+        del man["config"]["device_type"]
+        if recorded == "nothing":
+            del man["device"]
+        else:
+            man["device"] = "cuda:0"
+
+    _edit_json(copy / "runs" / REF / "manifest.json", as_if_on_a_gpu)
+    for flags in (["--policy", "sample"], ["--keep-if-outlier", "--n", "2", "--policy", "sample"]):
+        assert _extract(copy, *flags, "--outlier-ref", REF, "--run", "s") == 2
+        err = capsys.readouterr().err
+        if recorded == "nothing":
+            assert f"--outlier-ref {REF}: that run records no device" in err
+        else:
+            assert ("extracted with float32 blocks on cuda; this run computes float32 blocks on "
+                    "cpu") in err
+        assert "--device cpu" in err
+
+
+def test_run_begun_before_numerics_were_recorded_is_still_complete(lake, tmp_path, capsys):
+    """A run whose config lacks device_type/numerics (an older tokenlake) is found complete, not
+    refused as "made with a different config"; its config is left as it was."""
+    copy = _lake_copy(lake, tmp_path)
+
+    def strip(config: dict) -> None:
+        for key in ("device_type", "numerics"):
+            del config[key]
+
+    _edit_json(copy / "runs" / REF / "config.json", strip)
+    _edit_json(copy / "runs" / REF / "manifest.json", lambda man: strip(man["config"]))
+    manifest = (copy / "runs" / REF / "manifest.json").read_text()
+    capsys.readouterr()
+    assert main(["extract", "--lake", str(copy), "--model", "dinov2_s_reg4", "--subset", "tiny",
+                 *COMMON[:-1]]) == 0
+    out = capsys.readouterr()
+    assert "already complete" in out.out + out.err
+    assert (copy / "runs" / REF / "manifest.json").read_text() == manifest
+    assert "numerics" not in json.loads((copy / "runs" / REF / "config.json").read_text())
+
+
+# -- --record-mlp: the pinned host memory its arrays need, checked when the run is planned -------
+
+def _giant() -> dict:
+    """DINOv2-G at 518 px as timm builds it (weightless): blocks, MLP neurons (fc2's inputs: the
+    SwiGLU's gated half), patches."""
+    from tokenlake.extract._models import meta_backbone, resolve_model
+
+    model = meta_backbone(resolve_model("dinov2_g"), 518)
+    return {"depth": len(model.blocks), "hidden": model.blocks[0].mlp.fc2.in_features,
+            "n_patches": model.patch_embed.num_patches}
+
+
+def test_record_mlp_memory_for_dinov2_g():
+    giant = _giant()
+    assert giant == {"depth": 40, "hidden": 4096, "n_patches": 1369}
+    # mlp_abs_outlier [L, L, H], mlp_n_outlier [L], four [L, H] arrays: 4 bytes each
+    stats = 40 * 40 * 4096 * 4 + 40 * 4 + 4 * 40 * 4096 * 4
+    acts = 40 * 4096 * 1369 * 2  # mlp_acts [L, H, Np] float16
+    assert mlp_bytes_per_image(**giant, acts=False) == stats
+    assert mlp_bytes_per_image(**giant, acts=True) == stats + acts
+    assert 14e9 < 32 * acts < 15e9  # the issue's "~14 GB of pinned memory per set at batch 32"
+    host = 128 * 2**30  # a quarter may be pinned: 32 GiB for two batches in flight
+    fits = int(host * PINNED_SHARE) // (PINNED_SETS * (stats + acts))
+    assert fits == 35
+    check_pinned_memory(**giant, acts=True, batch_size=fits, host_bytes=host)
+    with pytest.raises(ValueError, match=r"--record-mlp --mlp-acts at --batch-size 64 needs "
+                                         r"56\.9 GiB of pinned host memory .* rerun with "
+                                         r"--batch-size 35$"):
+        check_pinned_memory(**giant, acts=True, batch_size=64, host_bytes=host)
+    with pytest.raises(ValueError, match="--batch-size 36 needs"):
+        check_pinned_memory(**giant, acts=True, batch_size=fits + 1, host_bytes=host)
+    check_pinned_memory(**giant, acts=False, batch_size=32, host_bytes=host)  # 1.7 GiB
+    with pytest.raises(ValueError, match="even at --batch-size 1: drop --mlp-acts"):
+        check_pinned_memory(**giant, acts=True, batch_size=1, host_bytes=2**30)
+
+
+def test_record_mlp_batch_too_large_for_pinned_memory_is_refused_when_planned(lake, tmp_path,
+                                                                               monkeypatch):
+    """On a CUDA device the plan refuses, with the batch size that fits, before a model exists;
+    local workers share the machine's memory."""
+    copy = _lake_copy(lake, tmp_path)
+    _edit_json(copy / "runs" / REF / "manifest.json",
+               lambda man: man["config"].update(device_type="cuda"))  # a GPU run's threshold
+    monkeypatch.setattr(_plan, "host_memory_bytes", lambda: 16 * 2**20)  # 4 MiB may be pinned
+    request = ExtractRequest(lake=str(copy), model="dinov2_s_reg4", subset="tiny",
+                             weights="random", img_size=56, record_mlp=True, outlier_ref=REF,
+                             device="cuda", precision="fp32", batch_size=4)
+    per_image = mlp_bytes_per_image(12, 1536, 16, acts=False)  # ViT-S/14 at 56 px: 1.2 MB
+    assert 2 * per_image < 4 * 2**20 < 2 * 2 * per_image
+    with pytest.raises(ValueError, match="--record-mlp at --batch-size 4 needs .* rerun with "
+                                         "--batch-size 1$"):
+        plan(request)
+    assert plan(replace(request, batch_size=1)).config["device_type"] == "cuda"
+    with pytest.raises(ValueError, match=r"\(2 processes x 2 batches in flight x 1 images .* "
+                                         "even at --batch-size 1: use fewer --workers"):
+        plan(replace(request, batch_size=1, workers=2))
+    # on the CPU the arrays are copied to pageable memory: nothing pinned, nothing checked
+    _edit_json(copy / "runs" / REF / "manifest.json",
+               lambda man: man["config"].update(device_type="cpu"))
+    assert plan(replace(request, device="cpu")).config["record_mlp"]

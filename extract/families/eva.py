@@ -9,7 +9,7 @@ What differs from a ViT (extract/families/vit.py), and how it is read here:
   formed: forward hooks on ``attn.q_norm`` and ``attn.k_norm`` (called on every path, Identity
   included) and the ``rope`` argument of the attention (a forward pre-hook with kwargs), rotated
   with timm's own ``apply_rot_embed_cat`` and the attention's ``rotate_half``, then
-  ``softmax(q·kᵀ·scale)`` in fp32 with autocast off.
+  ``softmax(q·kᵀ·scale)`` in fp32 (``fp32_exact``: autocast and TF32 off).
 * **No hook on qkv.** With a q bias (EVA-02, DINOv3 ``_qkvb``) EvaAttention calls
   ``F.linear(x, qkv.weight, bias)`` directly, so a hook on ``attn.qkv`` never fires; EVA-02 B/L have
   separate ``q_proj``/``k_proj``/``v_proj``. v (for ``--blocks all``) is projected again from the
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 
-from tokenlake.extract._adapters import Adapter, TokenLayout, neighbour_cosine
+from tokenlake.extract._adapters import Adapter, TokenLayout, fp32_exact, neighbour_cosine
 from tokenlake.extract._neuronstats import ACTS, MlpRecord, neuron_stats, raw_acts
 from tokenlake.extract._registry import Family, register
 
@@ -136,7 +136,7 @@ class EvaAdapter(Adapter):
                                    "version changed EvaAttention")
             q, k = seen.pop("q"), seen.pop("k")
             v = _v(attn, x) if self.blocks else None  # [B, T, A], the model's compute dtype
-            with torch.autocast(x.device.type, enabled=False):  # fp32, also under bf16 autocast
+            with fp32_exact(x.device.type):  # fp32, also under bf16 autocast or with TF32 allowed
                 q, k = rotate(attn, q, rope), rotate(attn, k, rope)  # [B, h, T, hd] fp32
                 if self.blocks:
                     store[f"qkv{i}"] = torch.stack([  # [B, 3, T], over all heads
@@ -160,7 +160,7 @@ class EvaAdapter(Adapter):
         store = self.hooks.store
 
         def hook(_m, _args, out):  # [B, T, D] -> [B, T] fp32, reduced at once
-            with torch.autocast(out.device.type, enabled=False):
+            with fp32_exact(out.device.type):
                 store[f"block{i}"] = out.float().norm(dim=-1)
 
         self.hooks.handles.append(block.register_forward_hook(hook))
@@ -173,20 +173,22 @@ class EvaAdapter(Adapter):
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         lay = self.layout
         post = self.model.forward_features(x)  # [B, T, D] after the final norm
-        pre = self.hooks.pop("pre")  # [B, T, D]
+        pre = self.hooks.pop("pre")  # [B, T, D], the model's compute dtype: stored as is
         embed = self.hooks.pop("embed")  # [B, H, W, D] (DINOv3) or [B, Np, D] (EVA-02)
         embed = embed.reshape(embed.shape[0], *lay.grid, embed.shape[-1])
-        patches_post = post[:, lay.n_prefix:]
-        out = {
-            "tokens": pre,
-            "norm": pre.float().norm(dim=-1),
-            "attn": self.hooks.pop("attn"),
-            "nbr_cos": neighbour_cosine(embed),
-            "cls_post": (post[:, 0] if lay.n_cls else patches_post.mean(1)).float(),
-            "patch_mean_post": patches_post.float().mean(1),
-        }
+        with fp32_exact(x.device.type):  # bf16 blocks, fp32 reductions
+            post = post.float()
+            patches_post = post[:, lay.n_prefix:]  # [B, Np, D]
+            out = {
+                "tokens": pre,
+                "norm": pre.float().norm(dim=-1),  # [B, T]
+                "attn": self.hooks.pop("attn"),  # [B, T], reduced by the attention's hook
+                "nbr_cos": neighbour_cosine(embed),  # [B, Np]
+                "cls_post": post[:, 0] if lay.n_cls else patches_post.mean(1),  # [B, D]
+                "patch_mean_post": patches_post.mean(1),  # [B, D]
+            }
         if lay.n_reg:
-            out["registers_post"] = post[:, lay.n_cls:lay.n_cls + lay.n_reg].float()
+            out["registers_post"] = post[:, lay.n_cls:lay.n_cls + lay.n_reg]  # [B, R, D] fp32
         if self.blocks:
             out["block_norm"] = torch.stack(  # [B, L, T]
                 [self.hooks.pop(f"block{i}") for i in range(lay.depth)], 1)

@@ -11,7 +11,14 @@ import math
 
 import torch
 
-from tokenlake.extract._adapters import Adapter, TokenLayout, neighbour_cosine, pool_to, received
+from tokenlake.extract._adapters import (
+    Adapter,
+    TokenLayout,
+    fp32_exact,
+    neighbour_cosine,
+    pool_to,
+    received,
+)
 from tokenlake.extract._registry import Family, register
 
 
@@ -48,20 +55,20 @@ class PVTAdapter(Adapter):
         if k.shape[2] != t:
             raise ValueError("PVT's last stage pools its keys (an _li variant?); attention per token "
                              "is undefined")
-        # fp32 even under bf16 autocast, which would re-cast the .float() operands of the matmul
-        with torch.autocast(x.device.type, enabled=False):
-            probs = (q.float() @ k.float().transpose(-2, -1) * self.attn.scale).softmax(-1)
-        embed = pool_to(self.hooks.pop("embed"), lay.grid)
-        pooled = post.float().mean(1)  # what forward_head(pre_logits=True) averages
-        return {
-            "tokens": pre,
-            "norm": pre.float().norm(dim=-1),
-            "attn": received(probs),
-            "nbr_cos": neighbour_cosine(embed),
-            "cls_post": pooled,
-            "patch_mean_post": pooled,
-        }
-
+        # bf16 blocks, fp32 reductions: autocast would re-cast the .float() operands of the matmul
+        with fp32_exact(x.device.type):
+            logits = q.float() @ k.float().transpose(-2, -1) * self.attn.scale  # [B, h, T, T]
+            probs = logits.softmax(-1)
+            embed = pool_to(self.hooks.pop("embed"), lay.grid)  # [B, h, w, C]
+            pooled = post.float().mean(1)  # [B, C]: what forward_head(pre_logits=True) averages
+            return {
+                "tokens": pre,
+                "norm": pre.float().norm(dim=-1),  # [B, T]
+                "attn": received(probs),  # [B, T]
+                "nbr_cos": neighbour_cosine(embed),  # [B, T]
+                "cls_post": pooled,
+                "patch_mean_post": pooled,
+            }
 
 FAMILY = register(Family(
     name="pvt", adapter=PVTAdapter, classes=("PyramidVisionTransformerV2",),

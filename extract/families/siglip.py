@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import AttentionPoolLatent
 
+from tokenlake.extract._adapters import fp32_exact
 from tokenlake.extract._neuronstats import MlpRecord
 from tokenlake.extract._registry import Family, register
 from tokenlake.extract.families.vit import ViTAdapter
@@ -41,12 +42,13 @@ def has_attention_pool(model: torch.nn.Module) -> bool:
 
 def pooling_attention(pool: AttentionPoolLatent, tokens: torch.Tensor) -> torch.Tensor:
     """[B, T, D] tokens after the final norm -> [B, T]: the latent query's attention over them,
-    mean over heads, in fp32 (also under autocast), from the head's q/kv projections and
-    q_norm/k_norm, as ``AttentionPoolLatent.forward`` computes it before ``attn @ v``."""
+    mean over heads, in fp32 (``fp32_exact``: also under autocast), from the head's q/kv
+    projections and q_norm/k_norm, as ``AttentionPoolLatent.forward`` computes it before
+    ``attn @ v``."""
     b, t, _ = tokens.shape
     heads, hd = pool.num_heads, pool.head_dim
     width = pool.kv.out_features // 2  # kv = [k | v], each `width` = heads * hd
-    with torch.autocast(tokens.device.type, enabled=False):  # the backbone's weights are fp32
+    with fp32_exact(tokens.device.type):  # the backbone's weights are fp32
         q = pool.q(pool.latent.float())  # [1, 1, h*hd] (q is a Linear, or Identity)
         q = q.reshape(1, 1, heads, hd).transpose(1, 2)  # [1, h, 1, hd]
         bias = pool.kv.bias  # only the k half of the kv projection is needed

@@ -2,7 +2,8 @@
 with a fused qkv projection (CLS and trained registers from ``num_prefix_tokens``). SigLIP's
 attention-pooling ViTs have a family of their own (siglip.py).
 
-The last block's attention is recomputed from its qkv projection (q_norm/k_norm applied) in fp32:
+The last block's attention is recomputed from its qkv projection (q_norm/k_norm applied) in fp32
+(``fp32_exact``: no autocast, no TF32):
 with a CLS token, the CLS row, mean over heads; without one, the attention each token receives,
 mean over heads and queries. With registers the CLS row also attends to them and is not
 renormalised over the patches.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from tokenlake.extract._adapters import Adapter, TokenLayout, neighbour_cosine
+from tokenlake.extract._adapters import Adapter, TokenLayout, fp32_exact, neighbour_cosine
 from tokenlake.extract._neuronstats import ACTS, MlpRecord, neuron_stats, raw_acts
 from tokenlake.extract._registry import Family, register
 
@@ -66,50 +67,59 @@ class ViTAdapter(Adapter):
 
     def _q_k_v(self, qkv: torch.Tensor, block: int = -1
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The model's qkv projection output [B, T, 3A] -> fp32 q, k (after q_norm/k_norm, as the
+        attention forms them: autocast runs those norms in fp32 too) and v, each [B, h, T, hd].
+        Call inside fp32_exact()."""
         attn = self.model.blocks[block].attn
         b, t, _ = qkv.shape
-        q, k, v = qkv.reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x [B, h, T, hd]
+        q, k, v = qkv.float().reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
         return attn.q_norm(q), attn.k_norm(k), v
 
     def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         lay = self.layout
         post = self.model.forward_features(x)  # [B, T, D] after the final norm
-        pre = self.hooks.pop("pre")  # [B, T, D]
-        q, k, v = self._q_k_v(self.hooks.pop("qkv"))
-        scale = self.model.blocks[-1].attn.scale
-        # fp32 even under bf16 autocast, which would re-cast the .float() operands of the matmuls
-        with torch.autocast(x.device.type, enabled=False):
-            if lay.n_cls:
-                logits = torch.einsum("bhd,bhtd->bht", q[:, :, 0].float(), k.float()) * scale
-                attn = logits.softmax(-1).mean(1)  # [B, T]
-            else:
-                probs = (q.float() @ k.float().transpose(-2, -1) * scale).softmax(-1)  # [B, h, T, T]
-                attn = probs.mean((1, 2))  # [B, T]
-        embed = self.hooks.pop("embed")  # [B, Np, D] or [B, H, W, D]
-        embed = embed.reshape(embed.shape[0], *lay.grid, embed.shape[-1])
-        patches_post = post[:, lay.n_prefix:]
-        out = {
-            "tokens": pre,
-            "norm": pre.float().norm(dim=-1),
-            "attn": attn,
-            "nbr_cos": neighbour_cosine(embed),
-            "cls_post": (post[:, 0] if lay.n_cls else patches_post.mean(1)).float(),
-            "patch_mean_post": patches_post.float().mean(1),
-        }
-        if lay.n_reg:
-            out["registers_post"] = post[:, lay.n_cls:lay.n_cls + lay.n_reg].float()
-        if self.blocks:
-            norms = [self.hooks.pop(f"block{i}").float().norm(dim=-1) for i in range(lay.depth)]
-            out["block_norm"] = torch.stack(norms, 1)  # [B, L, T]
-            per_block = [self._q_k_v(self.hooks.pop(f"qkv{i}"), i) for i in range(lay.depth - 1)]
-            out["qkv_norm"] = torch.stack([  # [B, L, 3, T], over all heads (q, k after q/k_norm)
-                torch.stack([t.transpose(1, 2).flatten(2).float().norm(dim=-1) for t in qkv], 1)
-                for qkv in [*per_block, (q, k, v)]], 1)
+        pre = self.hooks.pop("pre")  # [B, T, D], the model's compute dtype: stored as is
+        # bf16 blocks, fp32 reductions: autocast would re-cast the .float() operands of the matmuls
+        with fp32_exact(x.device.type):
+            out = {"tokens": pre, **self._reduce(pre, post)}
         if self.record_mlp is not None:  # after block_norm, which decides the outliers
             acts = [self.hooks.pop(f"mlp{i}") for i in range(lay.depth)]  # L x [B, T, H]
             if self.record_mlp.acts:
                 out[ACTS] = raw_acts(acts, lay.n_prefix)  # [B, L, H, Np] fp16
             out.update(neuron_stats(acts, out["block_norm"], lay.n_prefix, self.record_mlp))
+        return out
+
+    def _reduce(self, pre: torch.Tensor, post: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every fp32 quantity of the batch, from the hooked activations (inside fp32_exact)."""
+        lay = self.layout
+        q, k, v = self._q_k_v(self.hooks.pop("qkv"))  # [B, h, T, hd] fp32
+        scale = self.model.blocks[-1].attn.scale
+        if lay.n_cls:
+            logits = torch.einsum("bhd,bhtd->bht", q[:, :, 0], k) * scale  # [B, h, T]
+            attn = logits.softmax(-1).mean(1)  # [B, T]
+        else:
+            probs = (q @ k.transpose(-2, -1) * scale).softmax(-1)  # [B, h, T, T]
+            attn = probs.mean((1, 2))  # [B, T]
+        embed = self.hooks.pop("embed")  # [B, Np, D] or [B, H, W, D]
+        embed = embed.reshape(embed.shape[0], *lay.grid, embed.shape[-1])
+        post = post.float()
+        patches_post = post[:, lay.n_prefix:]  # [B, Np, D]
+        out = {
+            "norm": pre.float().norm(dim=-1),  # [B, T]
+            "attn": attn,
+            "nbr_cos": neighbour_cosine(embed),  # [B, Np]
+            "cls_post": post[:, 0] if lay.n_cls else patches_post.mean(1),  # [B, D]
+            "patch_mean_post": patches_post.mean(1),  # [B, D]
+        }
+        if lay.n_reg:
+            out["registers_post"] = post[:, lay.n_cls:lay.n_cls + lay.n_reg]  # [B, R, D]
+        if self.blocks:
+            norms = [self.hooks.pop(f"block{i}").float().norm(dim=-1) for i in range(lay.depth)]
+            out["block_norm"] = torch.stack(norms, 1)  # [B, L, T]
+            per_block = [self._q_k_v(self.hooks.pop(f"qkv{i}"), i) for i in range(lay.depth - 1)]
+            out["qkv_norm"] = torch.stack([  # [B, L, 3, T], over all heads (q, k after q/k_norm)
+                torch.stack([t.transpose(1, 2).flatten(2).norm(dim=-1) for t in qkv], 1)
+                for qkv in [*per_block, (q, k, v)]], 1)
         return out
 
 
