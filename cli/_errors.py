@@ -35,7 +35,8 @@ _USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQ
                 errno.ELOOP, errno.EFBIG, errno.ENOTEMPTY, errno.EXDEV, errno.ETXTBSY}
 # exception classes tokenlake raises on purpose that are not ValueErrors, as (module, class):
 # looked up only in modules already imported (an error cannot come from one that is not)
-_OWN = (("tokenlake.store._errors", "LakeError"), ("tokenlake.extract._sources", "SourceError"))
+_OWN = (("tokenlake.store._errors", "LakeError"), ("tokenlake.extract._sources", "SourceError"),
+        ("tokenlake.extract._cuda", "BatchTooLarge"))  # an out-of-memory first batch
 
 
 class CommandError(Exception):

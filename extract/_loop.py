@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from tokenlake import store
-from tokenlake.extract._adapters import Adapter
+from tokenlake.extract import _cuda
+from tokenlake.extract._adapters import Adapter, fp32_exact
 from tokenlake.extract._finalnorm import final_norm_params
 from tokenlake.extract._loader import Batch, InputRow, batches, default_workers
 from tokenlake.extract._models import create_backbone
@@ -69,28 +70,30 @@ def work(p: Plan, shards: list[int] | None = None, *, log=print) -> dict:
 class _InFlight:
     """A batch whose forward pass and copies to the host are queued, not necessarily done."""
 
+    index: int  # launch order: labels the batch's events
     batch: Batch
     out: dict[str, torch.Tensor]  # device outputs, kept alive until the copies are done
     host: dict[str, torch.Tensor]  # host copies (pinned buffers on a GPU)
-    pinned: dict[str, torch.Tensor] | None  # the pinned set `host` lives in, returned by finish
-    ready: torch.cuda.Event | None  # recorded on the copy stream after the last copy
+    pinned: dict[str, torch.Tensor] | None  # the pinned set `host` lives in, released by finish
+    computed: _cuda.Event | None = None  # on the compute stream, after the forward pass
+    ready: _cuda.Event | None = None  # on the copy stream, after the last copy
 
 
 class _Extractor:
     """Runs the backbone on batches and turns device outputs into host arrays.
 
-    `launch` queues the forward pass and the copies to the host; `finish` waits for them and does
-    the host work. The loop launches batch i+1 before finishing batch i, so on a GPU the copies (on
-    their own stream, into reused pinned buffers) and the host work overlap the next forward pass.
+    `launch` queues the input upload, the forward pass and the copies to the host; `finish` waits
+    for them and does the host work. The loop launches batch i+1 before finishing batch i, so on a
+    GPU batch i+1's upload (its own stream), batch i's copies (another, into reused pinned
+    buffers), its sample gather (a third) and the host work all overlap the next forward pass.
     """
 
     def __init__(self, plan_: Plan, adapter: Adapter, policy: TokenPolicy, cfg) -> None:
         self.plan, self.adapter, self.policy, self.cfg = plan_, adapter, policy, cfg
         self.layout = adapter.layout
         self.device = plan_.device
-        cuda = self.device.type == "cuda"
-        self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
-        self._free_pinned: list[dict[str, torch.Tensor]] = []  # sets a finished batch gave back
+        self.streams = _cuda.streams_for(self.device)  # None: the CPU, plain synchronous copies
+        self.launched = self.finished = 0
         self.stats = channel_stats(cfg, self.device)
         # every per-image array the run declares reaches the host in its declared dtype
         self.image_dtypes = {k: getattr(torch, s.dtype) for k, s in
@@ -100,32 +103,57 @@ class _Extractor:
 
     @torch.inference_mode()
     def launch(self, batch: Batch) -> _InFlight:
+        index, self.launched = self.launched, self.launched + 1
         if not batch.rows:
-            return _InFlight(batch, {}, {}, None, None)
-        x = normalise(batch.pixels.to(self.device, non_blocking=True), self.cfg,
-                      self.stats)  # [B, 3, H, W]
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return _InFlight(index, batch, {}, {}, None)
+        try:
+            return self._launch(index, batch)
+        except torch.OutOfMemoryError as err:
+            # before any batch is done: batches 0 and 1 are both alive at the peak
+            if self.finished:
+                raise
+            raise _cuda.batch_too_large(self.plan.request.batch_size) from err
+
+    def _launch(self, index: int, batch: Batch) -> _InFlight:
+        s = self.streams
+        if s is None:
+            pixels = batch.pixels.to(self.device)
+        else:  # the loader pinned it: the upload overlaps the previous batch's forward pass
+            pixels = s.upload(batch.pixels, label=("uploaded", index))
+        x = normalise(pixels, self.cfg, self.stats)  # [B, 3, H, W]
+        # bf16: the blocks under autocast; fp32: true fp32, also where cuDNN convolutions (patch
+        # embeddings) would use TF32 by torch's default
+        with (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16
+              else fp32_exact(self.device.type)):
             out = self.adapter(x)
         wanted = {k: v for k, v in out.items() if k != "tokens" or self.policy.name == "all"}
-        if self.copy_stream is None:
-            return _InFlight(batch, out, {k: v.to(self._host_dtype(k)) for k, v in wanted.items()},
-                             None, None)
-        pinned = self._free_pinned.pop() if self._free_pinned else {}
-        host, ready = self._copy_out(wanted, pinned)
-        return _InFlight(batch, out, host, pinned, ready)
+        if s is None:
+            return _InFlight(index, batch, out,
+                             {k: v.to(self._host_dtype(k)) for k, v in wanted.items()}, None)
+        computed = s.record(s.compute, label=("computed", index))
+        pinned = s.take_pinned()
+        host, ready = self._copy_out(wanted, pinned, computed, index)
+        return _InFlight(index, batch, out, host, pinned, computed, ready)
 
-    def _copy_out(self, tensors: dict[str, torch.Tensor], pinned: dict[str, torch.Tensor]):
+    def _copy_out(self, tensors: dict[str, torch.Tensor], pinned: dict[str, torch.Tensor],
+                  computed: _cuda.Event, index: int) -> tuple[dict[str, torch.Tensor], _cuda.Event]:
         """Queue device -> pinned host copies on the copy stream, after the forward pass."""
-        computed = torch.cuda.current_stream(self.device).record_event()
-        ready = torch.cuda.Event()
+        s = self.streams
+        copy = s.stream("copy")
         host = {}
-        with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_event(computed)
+        s.wait(copy, computed)
+        with s.use(copy):
             for k, v in tensors.items():
                 v = v.to(self._host_dtype(k))  # the cast runs on the copy stream too
-                host[k] = _pinned_view(pinned, k, v.shape, v.dtype).copy_(v, non_blocking=True)
-            ready.record(self.copy_stream)
+                host[k] = s.to_host(_pinned_view(s, pinned, k, v.shape, v.dtype), v, stream=copy)
+            ready = s.record(copy, label=("copied", index))
         return host, ready
+
+    def drain(self) -> None:
+        """Wait for every queued copy: a run stopping early must not free or reuse a pinned
+        buffer while a copy into it is pending."""
+        if self.streams is not None:
+            self.streams.synchronize()
 
     @torch.inference_mode()
     def finish(self, flight: _InFlight, buffer: ShardBuffer) -> None:
@@ -147,7 +175,7 @@ class _Extractor:
             kept = every if keep.size == len(batch.rows) else every[torch.from_numpy(keep)]
             emb = kept.reshape(-1, lay.embed_dim)  # [S, D]
         else:
-            emb = self._gather(flight.out["tokens"], keep[image], token)  # [S, D]
+            emb = self._gather(flight, keep[image], token)  # [S, D]
         rows = [batch.rows[i] for i in keep]
         # indexing with an array copies: the results no longer point into the reused buffers
         copy = {k: v[keep] for k, v in host.items() if k != "tokens"}
@@ -158,7 +186,8 @@ class _Extractor:
             block_norm=copy.get("block_norm"), qkv_norm=copy.get("qkv_norm"))
         self._fill_cells(buffer.add(result, emb), batch.pixels, keep, image, token)
         if flight.pinned is not None:
-            self._free_pinned.append(flight.pinned)  # everything was copied out of it
+            self.streams.release(flight.pinned)  # everything was copied out of it
+        self.finished += 1
 
     def _fill_cells(self, cells: np.ndarray, pixels: torch.Tensor, keep: np.ndarray,
                     image: np.ndarray, token: np.ndarray) -> None:
@@ -185,19 +214,29 @@ class _Extractor:
                                        token[is_patch] - lay.n_prefix, grid=lay.grid,
                                        cell=lay.cell, offset=lay.pixel_offset)
 
-    def _gather(self, tokens: torch.Tensor, image: np.ndarray, token: np.ndarray) -> np.ndarray:
+    def _gather(self, flight: _InFlight, image: np.ndarray, token: np.ndarray) -> np.ndarray:
         """The stored tokens' embeddings [S, D] fp16, gathered on the device (policy sample)."""
         if image.size == 0:
             return np.zeros((0, self.layout.embed_dim), np.float16)
-        b, t = torch.from_numpy(image), torch.from_numpy(token)
-        if self.copy_stream is None:
+        tokens = flight.out["tokens"]  # [B, T, D] on the device
+        b, t = torch.from_numpy(image), torch.from_numpy(token)  # [S] each
+        s = self.streams
+        if s is None:
             return tokens[b, t].to(torch.float16).numpy()
-        # on the copy stream, index uploads included: the default stream is busy with the next
-        # batch's forward pass, and anything queued there would wait for it
-        with torch.cuda.stream(self.copy_stream):
-            emb = tokens[b.to(self.device), t.to(self.device)].to(torch.float16)  # [S, D]
-            host = torch.empty(emb.shape, dtype=emb.dtype, pin_memory=True).copy_(emb, non_blocking=True)
-        self.copy_stream.synchronize()
+        # a stream of its own that waits for this batch's forward pass only: the compute stream
+        # (and the copy stream, which waits for it) is busy with the next batch's
+        gather, pinned = s.stream("gather"), flight.pinned
+        s.wait(gather, flight.computed)
+        with s.use(gather):
+            b_dev = s.to_device(_pinned_view(s, pinned, "gather_image", b.shape, b.dtype).copy_(b),
+                                stream=gather)
+            t_dev = s.to_device(_pinned_view(s, pinned, "gather_token", t.shape, t.dtype).copy_(t),
+                                stream=gather)
+            emb = tokens[b_dev, t_dev].to(torch.float16)  # [S, D]
+            host = s.to_host(_pinned_view(s, pinned, "gather_emb", emb.shape, emb.dtype), emb,
+                             stream=gather)
+            gathered = s.record(gather, label=("gathered", flight.index))
+        gathered.synchronize()
         return host.numpy()
 
     def _keep(self, norm: np.ndarray, ids: np.ndarray, buffer: ShardBuffer) -> np.ndarray:
@@ -213,11 +252,12 @@ class _Extractor:
         return torch.float16 if name == "tokens" else torch.float32
 
 
-def _pinned_view(pinned: dict[str, torch.Tensor], name: str, shape, dtype) -> torch.Tensor:
+def _pinned_view(streams: _cuda.Streams, pinned: dict[str, torch.Tensor], name: str, shape,
+                 dtype) -> torch.Tensor:
     """A pinned host buffer for `name`, reused across batches (the last batch may be smaller)."""
     buf = pinned.get(name)
     if buf is None or buf.dtype != dtype or buf.shape[1:] != shape[1:] or buf.shape[0] < shape[0]:
-        buf = pinned[name] = torch.empty(shape, dtype=dtype, pin_memory=True)
+        buf = pinned[name] = streams.pinned_empty(shape, dtype)
     return buf[:shape[0]]
 
 
@@ -352,8 +392,11 @@ def _run_shards(p: Plan, rows: list[InputRow], adapter, policy, cfg, writer, kep
             finish(pending)
         shards.flush()
     finally:
-        bar.close()
-        out.close()
+        try:
+            extractor.drain()  # a run that stopped early still has the next batch's copies queued
+        finally:
+            bar.close()
+            out.close()
     if req.keep_if_outlier and shards.kept < req.n:
         log(f"warning: only {shards.kept} images of the subset have an outlier token; "
             f"--n asked for {req.n}")
