@@ -79,11 +79,10 @@ def _extract(alias: str, px: int, lake: Path, batch: int) -> float:
 
 
 def _build_row(alias: str, px: int, lake: Path, store_folder: Path) -> dict:
-    import os
-
+    from tokenlake.extract._loader import usable_cpus
     from tokenlake.extract._pixelstore import build_pixel_store, decode_capacity
 
-    workers = os.cpu_count() or 1
+    workers = usable_cpus()  # the job's CPU allocation under SLURM, not the node's
     model = create_backbone(resolve_model(alias), weights=resolve_weights("random"), img_size=px)
     cfg = data_config(model, img_size=px)
     # the build is measured on a larger set, so start-up costs weigh as they would at scale

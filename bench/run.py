@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import os
 import platform
@@ -20,8 +21,11 @@ import torch
 
 
 def _device() -> dict:
-    info = {"host": platform.node(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
-            "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    from tokenlake.extract._loader import usable_cpus
+
+    info = {"host": platform.node(), "cpu_count": os.cpu_count(), "usable_cpus": usable_cpus(),
+            "python": sys.version.split()[0], "torch": torch.__version__,
+            "cuda": torch.cuda.is_available()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -40,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--only", default=None, help="run only bench_<ONLY>.py")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke test")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="seconds a bench may take (benches whose run() takes budget_s: gpu)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -57,7 +63,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"== {bench.stem}", flush=True)
         started = time.time()
-        for row in _load(bench).run(out=args.out / bench.stem, quick=args.quick):
+        module = _load(bench)
+        options = {"out": args.out / bench.stem, "quick": args.quick}
+        if args.budget_s is not None:
+            if "budget_s" not in inspect.signature(module.run).parameters:
+                parser.error(f"{bench.stem} has no time budget; --budget-s goes with --only gpu")
+            options["budget_s"] = args.budget_s
+        for row in module.run(**options):
             row.setdefault("bench", bench.stem)
             rows.append(row)
             save()

@@ -19,6 +19,10 @@ from tokenlake.extract._decode import ImageRejected, decode_image
 from tokenlake.extract._preprocess import DataConfig, Resizer
 from tokenlake.extract._sources import open_source
 
+# batches each DataLoader worker decodes ahead: enough to ride out a slow file; benchmarks size
+# their runs past what the workers decode before the first batch is timed
+PREFETCH_FACTOR = 4
+
 
 @dataclass(frozen=True)
 class InputRow:
@@ -110,8 +114,17 @@ class _Collate:  # a class, not a closure: worker processes pickle it
         return _collate(items, shard_of=lambda i: i // self.shard_size)
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: under SLURM (or taskset, or a container's cpuset) the job's
+    allocation, which `os.cpu_count()` ignores (it counts the whole node, and a pool sized from it
+    oversubscribes the cores the job was given)."""
+    if hasattr(os, "sched_getaffinity"):  # Linux; macOS and Windows have no affinity mask
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
 def default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    return max(1, min(8, usable_cpus() - 1))
 
 
 class _StoreBatches:
@@ -172,8 +185,11 @@ def batches(*, data: str, split: str | None, rows: list[InputRow], cfg: DataConf
                              shard_size=shard_size, batch_size=batch_size, pin=pin)
     dataset = _DecodeDataset(data=data, split=split, rows=rows, cfg=cfg)
     sampler = _ShardBatches([r.image_id // shard_size for r in rows], batch_size)
+    # The workers fork even when CUDA is up (the model is on the device by now): they never
+    # touch CUDA (pinning runs in this process's pin-memory thread), which is what makes fork
+    # safe, and a forked worker shares `rows` (millions of inputs) instead of unpickling them
     return DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers,
         collate_fn=_Collate(shard_size), pin_memory=pin,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=PREFETCH_FACTOR if workers else None,
     )

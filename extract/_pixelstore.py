@@ -17,7 +17,6 @@ import collections
 import concurrent.futures as cf
 import functools
 import multiprocessing
-import os
 import time
 from collections.abc import Iterator
 
@@ -28,9 +27,11 @@ from tqdm.auto import tqdm
 
 from tokenlake import store
 from tokenlake.extract._decode import decode_image
+from tokenlake.extract._loader import usable_cpus
 from tokenlake.extract._preprocess import DataConfig, Resizer
 from tokenlake.extract._sources import image_folder_root, open_source
 from tokenlake.extract._tvdecode import (
+    DEFAULT_MEMORY_BUDGET,
     Decoded,
     TorchvisionDecoder,
     check_decoder,
@@ -40,10 +41,14 @@ from tokenlake.extract._tvdecode import (
 )
 
 
-def _context():
-    """fork where the platform has it: decoding never touches CUDA, and workers start in
-    milliseconds instead of re-importing torch."""
+def pool_context():
+    """fork where the platform has it and this process has not started CUDA: decoding never
+    touches CUDA, and workers start in milliseconds instead of re-importing torch. A forked child
+    of a process with a CUDA context inherits a context it cannot use (its first CUDA call, even
+    one deep in a library, fails), so after CUDA: forkserver, whose server was never CUDA's."""
     methods = multiprocessing.get_all_start_methods()
+    if torch.cuda.is_initialized():
+        return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
@@ -124,13 +129,15 @@ def default_shard_size(n: int, *, workers: int, decoder: str) -> int:
 def build_pixel_store(lake: str, subset_name: str, cfg: DataConfig, *,
                       shard_size: int | None = None, workers: int | None = None,
                       quiet: bool = False, decoder: str = "pil",
-                      device: str | torch.device | None = None) -> store.PixelStore:
+                      device: str | torch.device | None = None,
+                      memory_budget: int | None = None, log=print) -> store.PixelStore:
     """Build (or finish) the store for this subset, recipe and decoder; returns it.
 
     decoder "pil": `workers` decoding processes (default: every core). decoder "torchvision":
     one process decoding on `device` (default cuda if present, else cpu), `workers` file-reading
-    threads (default: every core, at most 16). shard_size: by default the unfinished store's
-    own, else `default_shard_size`."""
+    threads (default: every core, at most 16), decode+resize groups within `memory_budget` device
+    bytes (default `DEFAULT_MEMORY_BUDGET`); the rows it left to PIL, and why, are logged.
+    shard_size: by default the unfinished store's own, else `default_shard_size`."""
     check_decoder(decoder)
     subset = store.read_subset(lake, subset_name)
     indices = subset.column("source_index").to_pylist()
@@ -138,7 +145,7 @@ def build_pixel_store(lake: str, subset_name: str, cfg: DataConfig, *,
         probe = recipe(subset=subset_name, checksum="", n=0, cfg=cfg, shard_size=0, decoder=decoder)
         started = store.PixelStore(lake, store.pixel_store_name(subset_name, probe)).recipe()
         shard_size = started["shard_size"] if started else default_shard_size(
-            len(indices), workers=workers or max(1, os.cpu_count() or 1), decoder=decoder)
+            len(indices), workers=workers or usable_cpus(), decoder=decoder)
     rec = recipe(subset=subset_name, checksum=store.subset_checksum(lake, subset_name),
                  n=len(indices), cfg=cfg, shard_size=shard_size, decoder=decoder)
     name = store.pixel_store_name(subset_name, rec)
@@ -155,12 +162,17 @@ def build_pixel_store(lake: str, subset_name: str, cfg: DataConfig, *,
         items = _local_paths(data, split, indices, subset.column("source_id").to_pylist()) or items
     if decoder == "torchvision":
         try:
-            _build_torchvision(pixel_store, data, split, items, todo, cfg, device=device,
-                               threads=workers or _threads(), bar=bar)
+            fallbacks = _build_torchvision(pixel_store, data, split, items, todo, cfg,
+                                           device=device, threads=workers or _threads(), bar=bar,
+                                           memory_budget=memory_budget or DEFAULT_MEMORY_BUDGET)
         finally:
             bar.close()
+        if fallbacks and not quiet:
+            log(f"pixels {name}: torchvision fallbacks "
+                + ", ".join(f"{k} {v}" for k, v in sorted(fallbacks.items()))
+                + " (the store's `decoder` column says which rows PIL made)")
         return pixel_store
-    workers = workers or max(1, os.cpu_count() or 1)
+    workers = workers or usable_cpus()
     args = [(lake, name, data, split, items[s * shard_size:(s + 1) * shard_size], s, cfg)
             for s in todo]
     try:
@@ -168,7 +180,7 @@ def build_pixel_store(lake: str, subset_name: str, cfg: DataConfig, *,
             for a in args:
                 bar.update(_decode_shard(*a))
         else:
-            with cf.ProcessPoolExecutor(workers, mp_context=_context()) as pool:
+            with cf.ProcessPoolExecutor(workers, mp_context=pool_context()) as pool:
                 for done in cf.as_completed([pool.submit(_decode_shard, *a) for a in args]):
                     bar.update(done.result())
     finally:
@@ -177,7 +189,7 @@ def build_pixel_store(lake: str, subset_name: str, cfg: DataConfig, *,
 
 
 def _threads() -> int:
-    return max(1, min(16, os.cpu_count() or 1))
+    return min(16, usable_cpus())
 
 
 def _stream(chunks: list[list[int | str]], decoder: TorchvisionDecoder, *, threads: int,
@@ -204,14 +216,16 @@ def _stream(chunks: list[list[int | str]], decoder: TorchvisionDecoder, *, threa
 
 def _build_torchvision(pixel_store: store.PixelStore, data: str, split: str | None,
                        items: list[int | str], todo: list[int], cfg: DataConfig, *,
-                       device: str | torch.device | None, threads: int, bar) -> None:
+                       device: str | torch.device | None, threads: int, bar,
+                       memory_budget: int) -> collections.Counter:
+    """Returns the decoder's fallback counts (see `_tvdecode.FALLBACKS`)."""
     step = pixel_store.recipe_cached["shard_size"]
-    decoder = TorchvisionDecoder(cfg, device=device, batch_size=step)
+    decoder = TorchvisionDecoder(cfg, device=device, batch_size=step, memory_budget=memory_budget)
     chunks = [items[s * step:(s + 1) * step] for s in todo]
     writing: collections.deque[cf.Future] = collections.deque()
     # hashing and writing a shard runs beside the next shard's decoding (hashlib and file writes
     # release the GIL); at most a few decoded shards wait in memory
-    n_writers = max(2, min(4, (os.cpu_count() or 1) // 4))
+    n_writers = max(2, min(4, usable_cpus() // 4))
     with cf.ThreadPoolExecutor(n_writers) as writers:
         for shard, decoded in zip(todo, _stream(chunks, decoder, threads=threads, data=data,
                                                 split=split)):
@@ -220,6 +234,7 @@ def _build_torchvision(pixel_store: store.PixelStore, data: str, split: str | No
                 bar.update(writing.popleft().result())
         while writing:
             bar.update(writing.popleft().result())
+    return decoder.fallbacks
 
 
 def find_pixel_store(lake: str, subset_name: str, cfg: DataConfig, *,
@@ -259,7 +274,7 @@ def decode_capacity(paths: list[str], cfg: DataConfig, *, workers: int, decoder:
         for _ in _stream(chunks, tv, threads=workers):
             pass
         return len(paths) / (time.perf_counter() - start)
-    with cf.ProcessPoolExecutor(workers, mp_context=_context()) as pool:
+    with cf.ProcessPoolExecutor(workers, mp_context=pool_context()) as pool:
         list(pool.map(_decode_resize, [(paths[0], cfg)] * workers))  # start every worker first
         start = time.perf_counter()
         list(pool.map(_decode_resize, [(p, cfg) for p in paths], chunksize=8))

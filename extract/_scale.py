@@ -44,13 +44,25 @@ class ShardWork:
 
 
 def _worker(p: Plan, shards: list[int]) -> dict:
+    if p.device.type == "cuda" and p.device.index is not None:
+        # Before this process's first CUDA call. Without it the current device stays cuda:0, and
+        # anything that uses the current device - leaving a `torch.cuda.stream(...)` block,
+        # an allocation without an explicit device - makes a context (~500 MB) on GPU 0 in
+        # every worker. set_device rather than CUDA_VISIBLE_DEVICES in the child: the pool's
+        # processes inherit the parent's environment, torch caches the device count at the
+        # first query, and device indices stay those the user and the logs name.
+        torch.cuda.set_device(p.device.index)
     quiet = dataclasses.replace(p.request, quiet=True)
     return work(dataclasses.replace(p, request=quiet), shards, log=lambda _text: None)
 
 
 def _local_device(p: Plan, index: int) -> Plan:
-    if p.device.type == "cuda" and p.device.index is None and torch.cuda.device_count() > 1:
-        return dataclasses.replace(p, device=torch.device("cuda", index % torch.cuda.device_count()))
+    """Worker `index`'s plan: with a plain "cuda" device, worker i runs on cuda:(i % GPUs); a
+    device the user named by index (cuda:1) is every worker's."""
+    if p.device.type == "cuda" and p.device.index is None:
+        n = torch.cuda.device_count()
+        if n:
+            return dataclasses.replace(p, device=torch.device("cuda", index % n))
     return p
 
 

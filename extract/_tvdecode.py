@@ -13,12 +13,24 @@ marker (so a truncated file is never padded). Everything else - PNG, CMYK, 16-bi
 rotated, anything torchvision refuses - goes through ``decode_image`` + ``Resizer`` for that one
 image, so rejections and their reasons are exactly the PIL store's. Each row says which decoder
 made it: 'torchvision', 'pil', or None for a rejected input.
+
+JPEGs whose colours nvjpeg gets wrong go to PIL too: those stored as RGB rather than YCbCr (an
+Adobe APP14 marker with transform 0, or no JFIF/Adobe marker and component ids 'R', 'G', 'B',
+which libjpeg reads as RGB and nvjpeg as YCbCr).
+
+Device memory is bounded: each chunk is split into groups whose decoded pixels plus resize
+intermediates stay under `memory_budget` bytes (a chunk of 256 12-megapixel photos would need
+tens of GB), and a group that still runs out of memory is retried in halves, down to single
+images, and then decoded by PIL. Every such detour is counted in `Decoded.fallbacks` (and in the
+decoder's running `fallbacks`), so a build can say how many rows left the fast path and why.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +43,19 @@ from tokenlake.extract._decode import DEFAULT_MAX_PIXELS, ImageRejected, decode_
 from tokenlake.extract._preprocess import DataConfig, Resizer
 
 DECODERS = ("pil", "torchvision")
+# device bytes one decode+resize group may use: a few hundred ImageNet photos, or ~20 12-MP ones;
+# small next to any GPU, so the caching allocator's other tenants (the model) are never starved
+DEFAULT_MEMORY_BUDGET = 1 << 30
 _EXIF_ORIENTATION = 0x0112
+_RGB_COMPONENT_IDS = [ord("R"), ord("G"), ord("B")]
+# Decoded.fallbacks keys: why a row left the torchvision path (or how it stayed on it)
+FALLBACKS = {
+    "header": "not a plain 8-bit JPEG per its header (PNG, CMYK, rotated, RGB-stored, ...): PIL",
+    "refused": "decode_jpeg raised for this image: PIL",
+    "wrong_shape": "decode_jpeg returned a shape other than [3, H, W] of the header: PIL",
+    "oom_split": "a group ran out of device memory and was retried in two halves",
+    "oom_pil": "a single image ran out of device memory: PIL",
+}
 _TV_DEPRECATION = ".*decoding and encoding capabilities of TorchVision.*"
 
 
@@ -54,6 +78,7 @@ class Decoded:
     height: list[int]
     reason: list[str | None]  # None when usable
     decoder: list[str | None]  # 'torchvision' | 'pil' | None when rejected
+    fallbacks: Counter = dataclasses.field(default_factory=Counter)  # FALLBACKS keys -> count
 
 
 def read_input(item: bytes | str | Path) -> bytes | str:
@@ -89,7 +114,47 @@ def sniff(data: bytes | str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[i
             orientation = 1
         if orientation not in (None, 1):
             return None
+    if im.mode == "RGB" and _stored_as_rgb(im):
+        return None
     return width, height
+
+
+def _stored_as_rgb(im: Image.Image) -> bool:
+    """True when libjpeg reads this 3-component JPEG as RGB, not YCbCr (its rules in
+    `default_decompress_parms`): nvjpeg assumes YCbCr and would return wrong colours."""
+    if "adobe" in im.info:  # APP14 "Adobe": transform 0 = RGB (or CMYK), 1 = YCbCr, 2 = YCCK
+        return im.info.get("adobe_transform", 0) != 1
+    component_ids = [layer[0] for layer in getattr(im, "layer", [])]
+    return "jfif" not in im.info and component_ids == _RGB_COMPONENT_IDS
+
+
+def device_bytes(width: int, height: int, *, size: int, crop_pct: float = 1.0) -> int:
+    """Device memory one image of this size takes through decode and resize: the decoded uint8
+    [3, H, W], its copy in the stacked batch, the float32 copy the antialiased resize works on, and
+    the float32 resized image (an upscale makes that the larger), before the crop."""
+    side = size / max(crop_pct, 1e-3)  # the shorter side after the resize
+    resized = side * side * max(width, height) / max(1, min(width, height))
+    return int(3 * width * height * (1 + 1 + 4) + 3 * 4 * resized)
+
+
+def split_by_memory(costs: Sequence[int], budget: int) -> list[list[int]]:
+    """Consecutive groups of indices into `costs` whose sums stay within `budget`; an item over
+    the budget on its own is a group of one (its out-of-memory fallback is PIL)."""
+    groups: list[list[int]] = []
+    used = 0
+    for k, cost in enumerate(costs):
+        if groups and used + cost <= budget:
+            groups[-1].append(k)
+            used += cost
+        else:
+            groups.append([k])
+            used = cost
+    return groups
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    # nvjpeg's allocator failures come back as plain RuntimeErrors naming the condition
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
 def pil_row(item: bytes | str | Path, resize: Resizer, *, max_pixels: int = DEFAULT_MAX_PIXELS
@@ -142,16 +207,26 @@ def tensor_steps(resize: Resizer) -> list:
 
 
 class TorchvisionDecoder:
-    """Inputs -> `Decoded`, JPEGs through torchvision on `device`, the rest through PIL."""
+    """Inputs -> `Decoded`, JPEGs through torchvision on `device`, the rest through PIL.
+
+    `memory_budget`: device bytes one decode+resize group may use (see `device_bytes`);
+    `fallbacks` counts, over every call, the rows that left the torchvision path and why."""
 
     def __init__(self, cfg: DataConfig, *, device: str | torch.device | None = None,
-                 batch_size: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 batch_size: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET) -> None:
+        if memory_budget <= 0:
+            raise ValueError(f"memory_budget must be a positive number of bytes, not "
+                             f"{memory_budget!r}")
         self.device = default_device(device)
         self.resize = Resizer(cfg)  # the PIL path, and the steps the tensor path reuses
         self.steps = tensor_steps(self.resize)
         self.size = cfg.img_size
+        self.crop_pct = cfg.crop_pct or 1.0
         self.batch_size = batch_size
         self.max_pixels = max_pixels
+        self.memory_budget = memory_budget
+        self.fallbacks: Counter = Counter()
 
     def headers(self, items: Sequence[bytes | str]) -> list[tuple[int, int] | None]:
         return [sniff(x, max_pixels=self.max_pixels) for x in items]
@@ -164,13 +239,18 @@ class TorchvisionDecoder:
         headers = self.headers(items) if headers is None else headers
         out = Decoded(np.zeros((n, s, s, 3), np.uint8), [0] * n, [0] * n, [None] * n, [None] * n)
         jpegs = [k for k in range(n) if headers[k] is not None]
+        if len(jpegs) < n:
+            out.fallbacks["header"] += n - len(jpegs)
         done: set[int] = set()
         for lo in range(0, len(jpegs), self.batch_size):
             chunk = jpegs[lo:lo + self.batch_size]
-            for k in self._decode_resize(items, headers, chunk, out.pixels):
-                out.width[k], out.height[k] = headers[k]
-                out.decoder[k] = "torchvision"
-                done.add(k)
+            costs = [device_bytes(*headers[k], size=s, crop_pct=self.crop_pct) for k in chunk]
+            for group in split_by_memory(costs, self.memory_budget):
+                rows = self._within_memory(items, headers, [chunk[j] for j in group], out)
+                for k in rows:
+                    out.width[k], out.height[k] = headers[k]
+                    out.decoder[k] = "torchvision"
+                    done.add(k)
         for k in range(n):  # not a plain JPEG, or torchvision refused it: PIL decides
             if k not in done:
                 pixels, out.width[k], out.height[k], out.reason[k] = pil_row(
@@ -178,52 +258,93 @@ class TorchvisionDecoder:
                 if pixels is not None:
                     out.pixels[k] = pixels
                     out.decoder[k] = "pil"
+        self.fallbacks.update(out.fallbacks)
         return out
 
-    def _decode(self, data: list[bytes]) -> list[torch.Tensor | None]:
-        """Encoded JPEGs -> uint8 [3, H, W] each on the device; None where torchvision fails."""
+    def _within_memory(self, items: Sequence[bytes | str], headers, group: list[int],
+                       out: Decoded) -> list[int]:
+        """`_decode_resize` of `group`; out of device memory, the two halves of the group one
+        after the other, down to single images, which are left to PIL."""
+        try:
+            return self._decode_resize(items, headers, group, out)
+        except RuntimeError as err:  # torch.OutOfMemoryError is one
+            if not _is_out_of_memory(err):
+                raise
+        if self.device.type == "cuda":  # the failed group's blocks, back for the halves
+            torch.cuda.empty_cache()
+        if len(group) == 1:
+            out.fallbacks["oom_pil"] += 1
+            return []
+        out.fallbacks["oom_split"] += 1
+        half = len(group) // 2
+        return (self._within_memory(items, headers, group[:half], out)
+                + self._within_memory(items, headers, group[half:], out))
+
+    def _decode(self, data: list[bytes], counts: Counter) -> list[torch.Tensor | None]:
+        """Encoded JPEGs -> uint8 [3, H, W] each on the device; None where torchvision fails.
+        Running out of memory is raised, for the caller to retry with fewer images."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
+        if self.device.type == "cuda":
+            # nvjpeg's hardware decoder writes its outputs without waiting for work queued on
+            # the caller's stream, and the caching allocator may hand it blocks that queued
+            # kernels still read (pytorch/vision#9606): drain the stream first, or decoded
+            # images and unrelated tensors come out corrupted. The host waits anyway: the
+            # decode itself synchronises before it returns.
+            torch.cuda.current_stream(self.device).synchronize()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_TV_DEPRECATION)
             warnings.filterwarnings("ignore", message=".*buffer is not writable.*")
             encoded = [torch.frombuffer(d, dtype=torch.uint8) for d in data]  # [nbytes] each
             try:  # one call for the whole batch (nvjpeg's batched decode)
                 return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
-            except RuntimeError:  # all or nothing: find the bad ones one by one
-                pass
+            except RuntimeError as err:  # all or nothing: find the bad ones one by one
+                if _is_out_of_memory(err):
+                    raise
             images: list[torch.Tensor | None] = []
             for e in encoded:
                 try:
                     images.append(decode_jpeg(e, mode=ImageReadMode.RGB, device=self.device))
-                except RuntimeError:
+                except RuntimeError as err:
+                    if _is_out_of_memory(err):
+                        raise
+                    counts["refused"] += 1
                     images.append(None)
             return images
 
-    def _decode_resize(self, items: Sequence[bytes | str], headers, chunk: list[int],
-                       pixels: np.ndarray) -> list[int]:
-        """Decode and resize items `chunk` into `pixels` [B, S, S, 3]; returns the rows done."""
-        images = self._decode([items[k] for k in chunk])
+    def _decode_resize(self, items: Sequence[bytes | str], headers, group: list[int],
+                       out: Decoded) -> list[int]:
+        """Decode and resize items `group` into `out.pixels` [B, S, S, 3]; returns the rows
+        done (the others are left to PIL)."""
+        counts: Counter = Counter()  # merged once the group is done: a retried group counts once
+        images = self._decode([items[k] for k in group], counts)
         by_shape: dict[tuple[int, int], list[int]] = {}
-        for j, (k, img) in enumerate(zip(chunk, images)):
+        for j, (k, img) in enumerate(zip(group, images)):
             w, h = headers[k]
-            if img is not None and tuple(img.shape) == (3, h, w):  # else: PIL decides
+            if img is None:
+                continue  # counted as refused
+            if tuple(img.shape) == (3, h, w):
                 by_shape.setdefault((h, w), []).append(j)
-        ok = [j for group in by_shape.values() for j in group]
+            else:  # a decoder that disagrees with the header is not trusted with the pixels
+                counts["wrong_shape"] += 1
+        ok = [j for same in by_shape.values() for j in same]
         if not ok:
+            out.fallbacks.update(counts)
             return []
         resized = torch.empty((len(ok), self.size, self.size, 3), dtype=torch.uint8,
                               device=self.device)  # [B', S, S, 3]
         at = 0
-        for group in by_shape.values():  # images of one size resize together
-            x = torch.stack([images[j] for j in group])  # [g, 3, H, W]
+        for same in by_shape.values():  # images of one size resize together
+            x = torch.stack([images[j] for j in same])  # [g, 3, H, W]
             for step in self.steps:
                 x = step(x)  # ... -> [g, 3, S, S]
             if tuple(x.shape[1:]) != (3, self.size, self.size):
                 raise RuntimeError(f"tensor resize produced {tuple(x.shape)}, expected "
-                                   f"{(len(group), 3, self.size, self.size)}")
-            resized[at:at + len(group)] = x.permute(0, 2, 3, 1)  # [g, S, S, 3]
-            at += len(group)
-        rows = [chunk[j] for j in ok]
-        pixels[rows] = resized.cpu().numpy()  # one copy to the host per batch
+                                   f"{(len(same), 3, self.size, self.size)}")
+            resized[at:at + len(same)] = x.permute(0, 2, 3, 1)  # [g, S, S, 3]
+            at += len(same)
+            del x
+        rows = [group[j] for j in ok]
+        out.pixels[rows] = resized.cpu().numpy()  # one copy to the host per group
+        out.fallbacks.update(counts)
         return rows

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_gpu.py"
 
@@ -35,11 +36,18 @@ def _tiny(bench):
                        max_images=24, budget_s=1e9)
 
 
-def _measure(bench, tmp_path, **kw):
+def _measure(bench, tmp_path, strict=True, **kw):
     return list(bench.measure(tmp_path / "out", device="cpu", models=(MODEL,),
                               jpeg_models=(MODEL[0],), sizes=_tiny(bench),
-                              rates={MODEL[0]: 100.0}, n_images=24, strict=True,
+                              rates={MODEL[0]: 100.0}, n_images=24, strict=strict,
                               log=lambda _t: None, **kw))
+
+
+@pytest.fixture(autouse=True)
+def _one_decode_worker(bench, monkeypatch):
+    """One DataLoader worker: the JPEG-fed run of 24 images then decodes 4 past the 16 it may
+    prefetch during its warm-up batch (with every core of a big node it would be undersized)."""
+    monkeypatch.setattr(bench, "usable_cpus", lambda: 1)
 
 
 def _check(bench, rows):
@@ -77,6 +85,11 @@ def test_gpu_bench_core_runs_on_the_cpu(bench, tmp_path, monkeypatch):
     assert all_row["disk_bound"] and all_row["target"] == ">= 0.9 x disk"
     assert "DISK-BOUND" in all_row["note"]
     assert all_row["value"] == pytest.approx(all_row["write_bytes_s"] / 5e4)
+    timed_bytes = all_row["run_bytes"] / all_row["run_images"] * all_row["images"]
+    assert all_row["write_bytes_s"] == pytest.approx(timed_bytes / all_row["loop_time_s"])
+    jpeg_row = rows[-1]  # decoding measured: images beyond what was prefetched in the warm-up
+    assert jpeg_row["prefetched_max"] == 16 and jpeg_row["images"] - 16 >= MODEL[2]
+    assert "UNDERSIZED" not in jpeg_row["note"]
     assert all_row["images"] == MODEL[2]
     assert by["disk sequential write bandwidth (fsync'd)"]["disk_bytes_s"] == 5e4
     assert not (tmp_path / "out" / "lakes").exists()  # lakes are deleted as it goes
@@ -91,8 +104,63 @@ def test_disk_bandwidth_writes_and_removes(bench, tmp_path):
 def test_counts_cap_the_all_run_by_the_disk(bench):
     sizes = bench.Sizes(loop_s=2.0, min_batches=20, all_disk_s=5.0)
     c = bench.counts(13_000, 256, 360e3, 0.5e9, 2000, sizes, 50_000)
-    assert c.n == 26_112 and c.n_all == 7_168 and c.n_jpeg == 5_120  # 20 batches at least
+    assert c.n == 26_112 and c.n_all == 7_168 and c.n_jpeg == 5_120 + 256  # 20 batches at least
     assert bench.counts(13_000, 256, 360e3, float("inf"), 2000, sizes, 10_000).n == 10_000
+
+
+def test_the_jpeg_run_decodes_past_what_the_workers_prefetch(bench):
+    """16 workers decode up to 16 x 4 batches of 256 while the warm-up batch runs: without
+    those on top, 20 batches would all be decoded before the timed loop starts."""
+    sizes = bench.Sizes(loop_s=2.0, min_batches=20)
+    c = bench.counts(13_000, 256, 360e3, 0.5e9, 2000, sizes, 50_000, decode_workers=16)
+    assert c.prefetched == 16 * bench.PREFETCH_FACTOR * 256
+    assert c.n_jpeg == 5_120 + c.prefetched + 256
+
+
+def test_the_bare_forward_enters_autocast_per_batch(bench, monkeypatch):
+    entered, real = [], bench.torch.autocast
+
+    def autocast(*args, **kw):
+        entered.append(kw.get("enabled"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(bench.torch, "autocast", autocast)
+    sizes = _tiny(bench)
+    _rate, timed = bench.bare_forward(*MODEL, bench.torch.device("cpu"), sizes)
+    assert len(entered) == sizes.warmup_steps + 1 + timed // MODEL[2]
+    assert set(entered) == {False}  # float32 on the CPU, as the extraction computes there
+
+
+def test_a_failing_row_does_not_end_the_bench(bench, tmp_path, monkeypatch):
+    """A CUDA error (a RuntimeError) in one row: that row says FAILED, the next are measured."""
+    real = bench._extract
+
+    def sample_breaks(*args, **kw):
+        if args[6] == "sample":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(bench, "_extract", sample_breaks)
+    rows = _measure(bench, tmp_path, strict=False)
+    failed = [r for r in rows if "error" in r]
+    assert [r["name"] for r in failed] == [bench.row_specs(*MODEL[:2], jpeg=True)[3][0]]
+    assert failed[0]["ok"] is False and math.isnan(failed[0]["value"])
+    assert "illegal memory access" in failed[0]["note"] and failed[0]["model"] == MODEL[0]
+    after = rows[rows.index(failed[0]) + 1:]
+    assert [r["policy"] for r in after] == ["summary", "summary"]  # store-fed, then JPEG-fed
+    assert all(math.isfinite(r["value"]) for r in after)
+
+    def bare_breaks(*args, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(bench, "bare_forward", bare_breaks)
+    rows = _measure(bench, tmp_path, strict=False)
+    model_rows = rows[len(bench.GLOBAL_ROWS):]
+    assert len(model_rows) == 6 and all(r["ok"] is False for r in model_rows)
+    assert "out of memory" in model_rows[0]["note"]
+    assert all("needs the bare rate" in r["note"] for r in model_rows[1:])
+    with pytest.raises(torch.OutOfMemoryError):
+        _measure(bench, tmp_path)  # strict: raised
 
 
 def test_without_cuda_every_row_says_not_run(bench, tmp_path, monkeypatch):
@@ -125,3 +193,14 @@ def test_gpu_decoder_branch_runs_on_the_cpu(bench, tmp_path, monkeypatch):
     assert build["decoder"] == "torchvision" and build["gpu_decode_img_s"] > build["cpu_decode_img_s"]
     assert "torchvision on cpu" in build["note"]
     assert "PIL" in rows[-1]["note"]  # JPEG-fed runs decode with PIL (torchvision only builds stores)
+
+
+@pytest.mark.slow  # a forkserver and two workers importing torch: ~6 s
+def test_images_are_written_by_a_pool_that_does_not_fork_after_cuda(bench, tmp_path, monkeypatch):
+    """On a GPU the bench names the device (CUDA starts) before it writes its JPEGs: the pool's
+    workers then start from a forkserver, and must still find this module's writer."""
+    monkeypatch.setattr(bench.torch.cuda, "is_initialized", lambda: True)
+    assert bench.pool_context().get_start_method() in ("forkserver", "spawn")
+    paths = bench.make_images(tmp_path, 2, workers=2, chunk=1)
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["img000000.jpg", "img000001.jpg"]
+    assert all(60_000 < Path(p).stat().st_size < 200_000 for p in paths)

@@ -4,11 +4,14 @@ two at the same geometry, PIL's rejections, a separate recipe that extraction mu
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+from collections import Counter
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from tokenlake.cli.main import main
@@ -16,7 +19,16 @@ from tokenlake.extract import resolve_model
 from tokenlake.extract._models import meta_backbone
 from tokenlake.extract._pixelstore import build_pixel_store, find_pixel_store
 from tokenlake.extract._preprocess import DataConfig, data_config
-from tokenlake.extract._tvdecode import TorchvisionDecoder, pil_row, read_input
+from tokenlake.extract._tvdecode import (
+    DEFAULT_MEMORY_BUDGET,
+    TorchvisionDecoder,
+    device_bytes,
+    pil_row,
+    read_input,
+    sniff,
+    split_by_memory,
+)
+from tokenlake.extract.testing import smooth_rgb
 from tokenlake.store import PixelStore, open_lake
 
 MODEL, PX = "dinov2_s_reg4", 56  # bicubic, crop_pct 1.0: a 112 px square image is halved
@@ -249,3 +261,198 @@ def test_extraction_reads_the_torchvision_store_and_records_it(lake):
             np.testing.assert_array_equal(got[i], want[r:r + 14, c:c + 14])
     errors = db.sql("SELECT reason FROM errors WHERE run = 'tv' ORDER BY image_id")
     assert errors.column(0).to_pylist() == ["truncated", "empty file", "not an image"]
+
+
+# -- colours nvjpeg gets wrong, device memory, and torchvision misbehaving ---------------------
+
+def _rgb_stored_jpegs() -> dict[str, bytes]:
+    """A JPEG stored as RGB with an Adobe marker (transform 0; what libjpeg writes for
+    `keep_rgb`), and the same without that marker: component ids 'R', 'G', 'B', no JFIF."""
+    buf = io.BytesIO()
+    Image.fromarray(smooth_rgb(width=64, height=48, seed=3)).save(buf, "JPEG", quality=95,
+                                                                  keep_rgb=True)
+    adobe = buf.getvalue()
+    at = adobe.index(b"\xff\xee")  # the APP14 segment: marker, 2-byte length, "Adobe" ...
+    assert adobe[at + 4:at + 9] == b"Adobe"
+    length = int.from_bytes(adobe[at + 2:at + 4], "big")
+    return {"adobe": adobe, "rgb_ids": adobe[:at] + adobe[at + 2 + length:]}
+
+
+def test_jpegs_stored_as_rgb_go_to_pil():
+    jpegs = _rgb_stored_jpegs()
+    ids = Image.open(io.BytesIO(jpegs["rgb_ids"]))
+    assert "adobe" not in ids.info and "jfif" not in ids.info
+    assert [layer[0] for layer in ids.layer] == [ord("R"), ord("G"), ord("B")]
+    assert Image.open(io.BytesIO(jpegs["adobe"])).info["adobe_transform"] == 0
+    plain = _plain_jpegs(1)[0]
+    assert sniff(plain) is not None  # JFIF, YCbCr: torchvision's
+    items = [jpegs["adobe"], jpegs["rgb_ids"], plain]
+    assert [sniff(x) is None for x in items] == [True, True, False]
+    decoder = TorchvisionDecoder(_cfg(), device="cpu")
+    out = decoder(items)
+    assert out.decoder == ["pil", "pil", "torchvision"]
+    assert out.fallbacks == {"header": 2} and decoder.fallbacks == {"header": 2}
+    for k in (0, 1):  # PIL reads both as RGB, as libjpeg does
+        pil, *_ = pil_row(items[k], decoder.resize)
+        np.testing.assert_array_equal(out.pixels[k], pil)
+        assert pil.mean() > 20  # not a black image
+
+
+_PLAIN: list = []
+
+
+def _plain_jpegs(n: int, *, side: int = 64) -> list[bytes]:
+    """`n` plain JPEGs (JFIF, YCbCr), each a little different."""
+    while len(_PLAIN) < n:
+        buf = io.BytesIO()
+        arr = smooth_rgb(width=side + len(_PLAIN), height=side, seed=len(_PLAIN))
+        Image.fromarray(arr).save(buf, "JPEG", quality=90)
+        _PLAIN.append(buf.getvalue())
+    return _PLAIN[:n]
+
+
+def test_groups_stay_within_the_memory_budget():
+    assert split_by_memory([4, 4, 4, 4, 4], 8) == [[0, 1], [2, 3], [4]]
+    assert split_by_memory([10, 1, 1], 8) == [[0], [1, 2]]  # over budget alone: a group of one
+    assert split_by_memory([], 8) == []
+    photo = device_bytes(4000, 3000, size=224, crop_pct=0.875)  # a 12-MP photo
+    assert 200e6 < photo < 300e6  # 256 of them: tens of GB, so a chunk is split
+    assert len(split_by_memory([photo] * 256, DEFAULT_MEMORY_BUDGET)) >= 64
+    upscaled = device_bytes(20, 10, size=224)  # the resize makes a small image big
+    assert upscaled > 3 * 4 * 224 * 224
+    with pytest.raises(ValueError, match="memory_budget"):
+        TorchvisionDecoder(_cfg(), device="cpu", memory_budget=0)
+
+
+def _fake_decode(monkeypatch, behave):
+    """torchvision's decode_jpeg replaced: `behave(data, real)` with data a list of encoded
+    tensors or one; records the batch sizes asked for."""
+    import torchvision.io
+
+    real, calls = torchvision.io.decode_jpeg, []
+
+    def decode_jpeg(data, **kw):
+        calls.append(len(data) if isinstance(data, list) else 1)
+        return behave(data, lambda d: real(d, **kw))
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", decode_jpeg)
+    return calls
+
+
+def _oom():
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_a_small_budget_decodes_in_small_groups(monkeypatch):
+    items = _plain_jpegs(6)
+    calls = _fake_decode(monkeypatch, lambda data, real: real(data))
+    per_image = device_bytes(64, 64, size=PX)
+    decoder = TorchvisionDecoder(_cfg(), device="cpu", memory_budget=int(2.5 * per_image) + 64)
+    out = decoder(items)
+    assert calls == [2, 2, 2]
+    assert out.decoder == ["torchvision"] * 6 and not out.fallbacks
+    whole = TorchvisionDecoder(_cfg(), device="cpu")(items)
+    np.testing.assert_array_equal(out.pixels, whole.pixels)  # grouping changes no pixel
+
+
+def test_out_of_memory_halves_the_group_then_falls_back_to_pil(monkeypatch):
+    items = _plain_jpegs(5)
+    expected = TorchvisionDecoder(_cfg(), device="cpu")(items)
+
+    def only_pairs(data, real):  # a device that holds two images at a time
+        if isinstance(data, list) and len(data) > 2:
+            raise _oom()
+        return real(data)
+
+    calls = _fake_decode(monkeypatch, only_pairs)
+    out = TorchvisionDecoder(_cfg(), device="cpu")(items)
+    assert calls == [5, 2, 3, 1, 2]  # 5 -> 2 + 3, 3 -> 1 + 2
+    assert out.decoder == ["torchvision"] * 5
+    assert out.fallbacks == {"oom_split": 2}
+    np.testing.assert_array_equal(out.pixels, expected.pixels)
+
+    def never(data, real):
+        raise RuntimeError("nvjpegDecodeBatched failed: out of memory")  # nvjpeg's own words
+
+    _fake_decode(monkeypatch, never)
+    decoder = TorchvisionDecoder(_cfg(), device="cpu")
+    out = decoder(items)
+    assert out.decoder == ["pil"] * 5 and out.reason == [None] * 5
+    assert out.fallbacks == {"oom_split": 4, "oom_pil": 5}
+    for k, item in enumerate(items):
+        np.testing.assert_array_equal(out.pixels[k], pil_row(item, decoder.resize)[0])
+
+
+def test_out_of_memory_while_resizing_is_retried_too(monkeypatch):
+    items = _plain_jpegs(4)
+    decoder = TorchvisionDecoder(_cfg(), device="cpu")
+    resize = decoder.steps[0]
+
+    def small_batches_only(x):  # [g, 3, H, W]
+        if x.shape[0] > 1:
+            raise _oom()
+        return resize(x)
+
+    decoder.steps[0] = small_batches_only
+    same = [_plain_jpegs(1)[0]] * 4  # one shape: a single resize batch
+    out = decoder(same)
+    assert out.decoder == ["torchvision"] * 4 and out.fallbacks == {"oom_split": 3}
+    with pytest.raises(RuntimeError, match="kernel bug"):  # other errors are not swallowed
+        decoder.steps[0] = lambda x: (_ for _ in ()).throw(RuntimeError("kernel bug"))
+        decoder(items)
+
+
+def test_wrong_shapes_and_refusals_go_to_pil(monkeypatch):
+    items = _plain_jpegs(3)
+
+    def misbehave(data, real):
+        batched = isinstance(data, list)
+        if batched:
+            raise RuntimeError("batched decode failed")  # one bad image spoils the batch
+        image = real(data)
+        if data.numel() == len(items[1]):
+            raise RuntimeError("Unsupported JPEG")
+        if data.numel() == len(items[2]):
+            return image[:, :-1]  # [3, H-1, W]: not what the header says
+        return image
+
+    assert len({len(x) for x in items}) == 3
+    _fake_decode(monkeypatch, misbehave)
+    decoder = TorchvisionDecoder(_cfg(), device="cpu")
+    out = decoder(items)
+    assert out.decoder == ["torchvision", "pil", "pil"]
+    assert out.fallbacks == {"refused": 1, "wrong_shape": 1}
+    for k in (1, 2):
+        np.testing.assert_array_equal(out.pixels[k], pil_row(items[k], decoder.resize)[0])
+
+
+def test_the_stream_is_drained_before_a_cuda_decode(monkeypatch):
+    """pytorch/vision#9606: nvjpeg writes before work queued on the caller's stream has run."""
+    events = []
+
+    class Stream:
+        def synchronize(self):
+            events.append("synchronize")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    _fake_decode(monkeypatch, lambda data, real: events.append("decode") or [
+        torch.zeros(3, 2, 2, dtype=torch.uint8)] * len(data))
+    decoder = TorchvisionDecoder(_cfg(), device="cpu")
+    decoder.device = torch.device("cuda")  # what the decoder does on a GPU, minus the GPU
+    decoder._decode(_plain_jpegs(2), Counter())
+    assert events == ["synchronize", "decode"]
+
+
+def test_the_build_logs_its_fallbacks(tmp_path, folder, monkeypatch):
+    def no_batches(data, real):
+        if isinstance(data, list) and len(data) > 1:
+            raise _oom()
+        return real(data)
+
+    _fake_decode(monkeypatch, no_batches)
+    lake, lines = str(tmp_path), []
+    assert main(["subset", "--lake", lake, "--name", "mix", "--data", str(folder)]) == 0
+    build_pixel_store(lake, "mix", _cfg(), shard_size=4, decoder="torchvision", device="cpu",
+                      workers=2, log=lines.append, quiet=False)
+    (line,) = lines
+    assert "header 6" in line and "oom_split" in line and "decoder" in line
