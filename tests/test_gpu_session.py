@@ -131,16 +131,18 @@ def test_descendants_include_grandchildren(session):
     grandchild = "import time; time.sleep(5)"
     code = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grandchild!r}])"
     child = subprocess.Popen([sys.executable, "-c", code])
-    found: set[int] = set()
+    mine: set[int] = set()  # the grandchild: only what this test started may be killed (this
+    # process has other descendants, such as multiprocessing's resource tracker)
     try:
         for _ in range(100):
-            found = session.descendants(os.getpid())
-            if len(found) >= 2:
+            mine = session.descendants(child.pid)
+            if mine:
                 break
             time.sleep(0.05)
-        assert child.pid in found and len(found) >= 2
+        found = session.descendants(os.getpid())
+        assert mine and child.pid in found and mine <= found
     finally:
-        for pid in found - {child.pid}:  # the grandchild this test started
+        for pid in mine:
             os.kill(pid, signal.SIGKILL)
         child.kill()
         child.wait()
