@@ -148,3 +148,13 @@ def neuron_stats(acts: list[torch.Tensor], block_norm: torch.Tensor, n_prefix: i
 def raw_acts(acts: list[torch.Tensor], n_prefix: int) -> torch.Tensor:
     """L x [B, T, H] -> [B, L, H, Np] fp16: what each block's fc2 received at the patch tokens."""
     return torch.stack([a[:, n_prefix:] for a in acts], 1).transpose(2, 3).to(torch.float16)
+
+
+def mlp_outputs(acts: list[torch.Tensor], block_norm: torch.Tensor, n_prefix: int,
+                rec: MlpRecord) -> dict[str, torch.Tensor]:
+    """What --record-mlp adds to an adapter's output: the raw activations when asked (taken
+    before the statistics, which release each block's tensor) and the per-image statistics.
+    acts: L x [B, T, H] fc2 inputs; block_norm [B, L, T] decides the outliers."""
+    out = {ACTS: raw_acts(acts, n_prefix)} if rec.acts else {}  # [B, L, H, Np] fp16
+    out.update(neuron_stats(acts, block_norm, n_prefix, rec))
+    return out

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 
 from tokenlake.extract._adapters import Adapter, TokenLayout, fp32_exact, neighbour_cosine
-from tokenlake.extract._neuronstats import ACTS, MlpRecord, neuron_stats, raw_acts
+from tokenlake.extract._neuronstats import MlpRecord, mlp_outputs
 from tokenlake.extract._registry import Family, register
 
 
@@ -196,9 +196,7 @@ class EvaAdapter(Adapter):
                 [self.hooks.pop(f"qkv{i}") for i in range(lay.depth)], 1)
         if self.record_mlp is not None:  # after block_norm, which decides the outliers
             acts = [self.hooks.pop(f"mlp{i}") for i in range(lay.depth)]  # L x [B, T, H]
-            if self.record_mlp.acts:
-                out[ACTS] = raw_acts(acts, lay.n_prefix)  # [B, L, H, Np] fp16
-            out.update(neuron_stats(acts, out["block_norm"], lay.n_prefix, self.record_mlp))
+            out.update(mlp_outputs(acts, out["block_norm"], lay.n_prefix, self.record_mlp))
         return out
 
 
