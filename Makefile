@@ -7,7 +7,7 @@ STAMP := $(VENV)/.tokenlake-installed
 # import beside torch 2.13); pip finds both on this machine's disk.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test bench lint install-check clean
+.PHONY: setup demo test test-gpu-branch bench lint install-check clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+# the extraction suites again, every run through the loop's GPU branch (streams, events, pinned
+# buffers) on the CPU fake of CUDA that poisons copies read before their event (extract/_cuda.py)
+GPU_BRANCH_TESTS := tests/test_extract.py tests/test_extract_options.py tests/test_policy.py \
+	tests/test_resume.py tests/test_ttreg.py tests/test_scale.py tests/test_faults.py \
+	tests/test_families.py
+test-gpu-branch: $(STAMP)
+	TOKENLAKE_FAKE_CUDA=1 $(BIN)/pytest -q $(GPU_BRANCH_TESTS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py --out bench-out
