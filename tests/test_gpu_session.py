@@ -177,3 +177,22 @@ def test_workers_are_judged_from_the_contexts_that_appear(session, tmp_path):
     quiet = session.workers_gpu0(_fake_session(session, tmp_path, run_s=0.3),
                                  poll=lambda: [(99, 0, 600)])
     assert quiet["ok"] is False and "no context" in quiet["note"]
+
+
+def test_device_wrapper_brings_back_the_summary_results_and_versions(tmp_path):
+    """bench/gpu_session.sh, the device command, with this interpreter and no wheels to install
+    (the venv has them): what lands in $OUT is what the device tool brings back."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    env = {**os.environ, "PYTHON": sys.executable, "WHEELS": str(tmp_path / "no-wheels"),
+           "OUT": str(out), "WORK": str(work)}
+    env.pop("TOKENLAKE_IMAGENET_SAMPLE", None)
+    done = subprocess.run(["bash", str(SCRIPT.parent / "gpu_session.sh"), "--cpu-smoke",
+                           "--steps", "cpu_vs_gpu"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["session-log.txt", "session.json",
+                                                     "versions.txt"]
+    assert json.loads((out / "session.json").read_text())["steps"]["cpu_vs_gpu"]["ok"]
+    versions = (out / "versions.txt").read_text()
+    assert "MISSING" not in versions and "torch " in versions
