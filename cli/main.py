@@ -121,8 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "'dinov2-eval' (DINOv2's official linear evaluation: resize 256 bicubic, "
                         "centre crop 224, at --img-size 224)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
-                   help="dtype the blocks run in: fp32, or bf16 autocast (default: bf16 on a "
-                        "GPU, fp32 on the CPU); recorded as the run's compute_dtype")
+                   help="dtype the blocks run in: fp32 (TF32 off), or bf16 autocast (default: "
+                        "bf16 on a GPU, fp32 on the CPU); norms, attention and cosines are "
+                        "reduced in fp32 either way; recorded as the run's compute_dtype, and a "
+                        "threshold (--outlier-ref) must come from a run of the same precision "
+                        "and device type")
     p.add_argument("--allow-version-change", action="store_true",
                    help="resume a run begun with other versions of torch, timm or tokenlake "
                         "(refused otherwise, naming them); the change is recorded in the run's "
