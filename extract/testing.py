@@ -34,6 +34,21 @@ def smooth_rgb(*, width: int, height: int, seed: int) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+def write_blob_folder(root: Path, *, n: int, side: int, blob: int, seed: int = 0) -> Path:
+    """`n` noisy side x side PNGs with three flat blob x blob squares each, in two class folders
+    (b, a, b, ...): patches that differ from each other, for extraction tests."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        d = root / ("a" if i % 2 else "b")
+        d.mkdir(exist_ok=True)
+        base = rng.integers(60, 200, (1, 1, 3)) + rng.normal(0, 25, (side, side, 3))
+        for _ in range(3):
+            r, c = rng.integers(0, side - blob, 2)
+            base[r:r + blob, c:c + blob] = rng.integers(0, 256, 3)
+        Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(d / f"{i:03d}.png")
+    return root
+
+
 def _jpeg_bytes(arr: np.ndarray, **kw) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=90, **kw)

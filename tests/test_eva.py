@@ -12,7 +12,6 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from timm.models.eva import Eva
 
 from tokenlake.cli.main import main
@@ -27,6 +26,7 @@ from tokenlake.extract._models import all_aliases
 from tokenlake.extract._neuronstats import MlpRecord
 from tokenlake.extract._ttreg import TTRegister
 from tokenlake.extract.oracles import nbr_cos_by_loops, probs_from_unfused
+from tokenlake.extract.testing import write_blob_folder
 from tokenlake.store import open_lake
 
 # key: (timm name, px, timm kwargs). What each one exercises:
@@ -413,16 +413,7 @@ def lake(tmp_path_factory):
     """DINOv3-S and EVA-02-S (random weights; DINOv3's final norm given non-trivial parameters,
     EVA-02's is Identity), --blocks all, a --record-mlp run, its neuron ranking and test-time
     register runs at batch sizes 1 and 4."""
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(N_IMAGES):
-        d = root / ("a" if i % 2 else "b")
-        d.mkdir(exist_ok=True)
-        base = rng.integers(60, 200, (1, 1, 3)) + rng.normal(0, 25, (64, 64, 3))
-        for _ in range(3):
-            r, c = rng.integers(0, 48, 2)
-            base[r:r + 16, c:c + 16] = rng.integers(0, 256, 3)
-        Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(d / f"{i:03d}.png")
+    root = write_blob_folder(tmp_path_factory.mktemp("imgs"), n=N_IMAGES, side=64, blob=16)
     path = tmp_path_factory.mktemp("lake")
     assert main(["subset", "--lake", str(path), "--name", "tiny", "--data", str(root)]) == 0
     model = create_backbone(resolve_model("dinov3_s"), weights=resolve_weights("random"),

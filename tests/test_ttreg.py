@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tokenlake import analyze
 from tokenlake.analyze._neurons import detection_block
@@ -19,6 +18,7 @@ from tokenlake.cli.main import main
 from tokenlake.extract import create_backbone, make_adapter, resolve_model, resolve_weights
 from tokenlake.extract._preprocess import DataConfig, normalise
 from tokenlake.extract._ttreg import TTRegister, parse_ttreg
+from tokenlake.extract.testing import write_blob_folder
 from tokenlake.store import LakeError, open_lake, read_neurons
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,17 +120,7 @@ def _neurons(path, *options) -> tuple:
 
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    rng = np.random.default_rng(0)
-    for i in range(N_IMAGES):
-        d = root / ("a" if i % 2 else "b")
-        d.mkdir(exist_ok=True)
-        # smooth background with a few bright/dark blobs: patches differ from each other
-        base = rng.integers(60, 200, (1, 1, 3)) + rng.normal(0, 25, (56, 56, 3))
-        for _ in range(3):
-            r, c = rng.integers(0, 42, 2)
-            base[r:r + 14, c:c + 14] = rng.integers(0, 256, 3)
-        Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(d / f"{i:03d}.png")
+    root = write_blob_folder(tmp_path_factory.mktemp("imgs"), n=N_IMAGES, side=56, blob=14)
     path = tmp_path_factory.mktemp("lake")
     assert main(["subset", "--lake", str(path), "--name", "tiny", "--data", str(root)]) == 0
     assert _extract(path, "random", "clean") == 0
